@@ -1,0 +1,1 @@
+"""BGP: ExaBGP configuration, supervision, the API bridge, and the learned-route RIB."""

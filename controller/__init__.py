@@ -1,0 +1,1 @@
+"""podnet-controller: Kubernetes → etcd sync and IPAM garbage collection."""

@@ -1,0 +1,1 @@
+"""IP address management in etcd: pools, blocks with node affinity, CAS allocation, release, GC."""

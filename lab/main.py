@@ -1,0 +1,13 @@
+"""Entry point of `podnet-lab`."""
+
+import sys
+
+
+def main() -> int:
+    # Declared now so packaging and docs are stable; the issue that builds it replaces this.
+    print("podnet-lab: not implemented yet", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""TCP/UDP probes, run inside a namespace with ``ip netns exec``: stdlib only, so they start fast.
+
+python -m testbed.probe serve tcp|udp HOST PORT        prints "ready", answers until killed
+python -m testbed.probe connect tcp|udp HOST PORT TIMEOUT   exit 0 if answered, 1 if not
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+
+ANSWER = b"podnet-probe-ok"
+
+
+def _serve_tcp(host: str, port: int) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(128)
+    print("ready", flush=True)
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(ANSWER)
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def _serve_udp(host: str, port: int) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind((host, port))
+    print("ready", flush=True)
+    while True:
+        _, peer = srv.recvfrom(2048)
+        srv.sendto(ANSWER, peer)
+
+
+def _connect(proto: str, host: str, port: int, timeout: float) -> bool:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.settimeout(timeout)
+        try:
+            if proto == "tcp":
+                s.connect((host, port))
+            else:
+                s.sendto(b"ping", (host, port))
+            data = s.recv(64)
+        except OSError:
+            return False
+        return data == ANSWER
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 4 and argv[0] == "serve" and argv[1] in ("tcp", "udp"):
+        (_serve_tcp if argv[1] == "tcp" else _serve_udp)(argv[2], int(argv[3]))
+        return 0
+    if len(argv) >= 5 and argv[0] == "connect" and argv[1] in ("tcp", "udp"):
+        return 0 if _connect(argv[1], argv[2], int(argv[3]), float(argv[4])) else 1
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,127 @@
+"""The etcd client wrapper against a real etcd server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from datastore.errors import AlreadyExists, CasConflict, Unavailable
+from datastore.etcd import Delete, EtcdClient, ModRevisionIs, Put, ValueIs
+from testbed.etcd_server import EtcdServer, free_port
+
+COUNTER = "/podnet/v1/test/counter"
+
+
+def test_cas_counter_8_threads_x_500(etcd: EtcdClient) -> None:
+    etcd.put(COUNTER, b"0")
+    conflicts = [0] * 8
+
+    def worker(i: int) -> None:
+        for _ in range(500):
+            while True:
+                kv = etcd.get(COUNTER)
+                assert kv is not None
+                try:
+                    etcd.cas(COUNTER, str(int(kv.value) + 1).encode(), kv.mod_revision)
+                    break
+                except CasConflict:
+                    conflicts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = etcd.get(COUNTER)
+    assert final is not None and final.value == b"4000"
+    assert sum(conflicts) > 0, "8 threads on one key should have collided at least once"
+
+
+def test_create_only_and_cas_on_absent(etcd: EtcdClient) -> None:
+    etcd.create("/podnet/v1/test/a", b"1")
+    with pytest.raises(AlreadyExists):
+        etcd.create("/podnet/v1/test/a", b"2")
+    with pytest.raises(CasConflict):
+        etcd.cas("/podnet/v1/test/b", b"x", 12345)
+    etcd.cas("/podnet/v1/test/b", b"x", 0)  # 0 = must be absent
+    kv = etcd.get("/podnet/v1/test/b")
+    assert kv is not None and kv.value == b"x"
+
+
+def test_get_prefix_at_revision_and_delete(etcd: EtcdClient) -> None:
+    r1 = etcd.put("/podnet/v1/test/p/1", b"a")
+    etcd.put("/podnet/v1/test/p/2", b"b")
+    etcd.put("/podnet/v1/test/q", b"not under p/")
+    now, rev = etcd.get_prefix("/podnet/v1/test/p/")
+    assert [kv.key for kv in now] == ["/podnet/v1/test/p/1", "/podnet/v1/test/p/2"]
+    then, _ = etcd.get_prefix("/podnet/v1/test/p/", revision=r1)
+    assert [kv.value for kv in then] == [b"a"]
+    kv1 = now[0]
+    with pytest.raises(CasConflict):
+        etcd.delete(kv1.key, mod_revision=kv1.mod_revision + 1000)
+    assert etcd.delete(kv1.key, mod_revision=kv1.mod_revision)
+    assert not etcd.delete(kv1.key)
+    assert etcd.get(kv1.key) is None
+    assert rev >= r1
+
+
+def test_txn_is_atomic_across_keys(etcd: EtcdClient) -> None:
+    etcd.put("/podnet/v1/test/x", b"1")
+    kv = etcd.get("/podnet/v1/test/x")
+    assert kv is not None
+    ok = etcd.txn(
+        [ModRevisionIs("/podnet/v1/test/x", kv.mod_revision), ValueIs("/podnet/v1/test/x", b"1")],
+        [Put("/podnet/v1/test/x", b"2"), Put("/podnet/v1/test/y", b"2")],
+    )
+    assert ok.succeeded
+    failed = etcd.txn(
+        [ModRevisionIs("/podnet/v1/test/x", kv.mod_revision)],
+        [Delete("/podnet/v1/test/", prefix=True)],
+        [Put("/podnet/v1/test/z", b"failure-branch")],
+    )
+    assert not failed.succeeded
+    keys, _ = etcd.get_prefix("/podnet/v1/test/")
+    assert {k.key: k.value for k in keys} == {
+        "/podnet/v1/test/x": b"2",
+        "/podnet/v1/test/y": b"2",
+        "/podnet/v1/test/z": b"failure-branch",
+    }
+
+
+def test_lease_keeps_keys_alive_and_revoke_removes_them(etcd: EtcdClient) -> None:
+    keeper = etcd.lease(ttl=2)
+    etcd.put("/podnet/v1/test/leased", b"x", lease=keeper.id)
+    time.sleep(3.5)  # longer than the TTL: only the keep-alive keeps the key
+    assert etcd.get("/podnet/v1/test/leased") is not None
+    keeper.close(revoke=True)
+    assert etcd.get("/podnet/v1/test/leased") is None
+
+
+def test_lease_expires_without_keepalive(etcd: EtcdClient) -> None:
+    lease = etcd.grant(1)
+    etcd.put("/podnet/v1/test/leased2", b"x", lease=lease)
+    deadline = time.monotonic() + 10
+    while etcd.get("/podnet/v1/test/leased2") is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert etcd.get("/podnet/v1/test/leased2") is None
+
+
+def test_unreachable_etcd_is_unavailable() -> None:
+    client = EtcdClient([f"127.0.0.1:{free_port()}"], timeout=0.5)
+    try:
+        with pytest.raises(Unavailable):
+            client.get("/podnet/v1/x")
+    finally:
+        client.close()
+
+
+def test_client_recovers_after_etcd_restart(etcd_server: EtcdServer, etcd: EtcdClient) -> None:
+    etcd.put("/podnet/v1/test/survives", b"1")
+    etcd_server.kill()
+    with pytest.raises(Unavailable):
+        etcd.get("/podnet/v1/test/survives")
+    etcd_server.start()
+    kv = etcd.get("/podnet/v1/test/survives")  # same client object, no 5-minute penalty
+    assert kv is not None and kv.value == b"1"
