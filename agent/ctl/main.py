@@ -1,12 +1,48 @@
-"""Entry point of `agentctl`, the operator's CLI."""
+"""Entry point of `agentctl`, the operator's CLI. Sub-command groups live in their own modules."""
+
+from __future__ import annotations
 
 import sys
 
+import click
+
+from agent.ctl.context import CtlContext, default_node
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--etcd-endpoints",
+    envvar="PODNET_ETCD_ENDPOINTS",
+    default="127.0.0.1:2379",
+    show_default=True,
+    help="Comma-separated etcd endpoints (host:port).",
+)
+@click.option("--node", envvar="PODNET_NODE_NAME", default=None, help="This node's name (default: hostname).")
+@click.pass_context
+def cli(ctx: click.Context, etcd_endpoints: str, node: str | None) -> None:
+    """Inspect and operate podnet: BGP status, routes, IPAM, policy."""
+    ctl = CtlContext([e.strip() for e in etcd_endpoints.split(",") if e.strip()], node or default_node())
+    ctx.obj = ctl
+    ctx.call_on_close(ctl.close)
+
+
+# Command groups, one module per topic (agent/ctl/<topic>.py), registered here.
+COMMANDS: list[click.Command] = []
+for command in COMMANDS:
+    cli.add_command(command)
+
 
 def main() -> int:
-    # Sub-commands (status, routes, ipam, policy, apply/get) arrive with their issues.
-    print("agentctl: not implemented yet", file=sys.stderr)
-    return 2
+    try:
+        cli.main(prog_name="agentctl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
