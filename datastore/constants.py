@@ -3,6 +3,5 @@
 from __future__ import annotations
 
 # The routing protocol number on every route podnet installs (agent and CNI alike). The agent removes only routes
-# carrying it, so routes made by anyone else are never touched. 80 is unassigned in iproute2's rt_protos
-# (Calico's Felix uses 80 as well, for the same reason).
+# carrying it, so routes made by anyone else are never touched. 80 is unassigned in iproute2's rt_protos.
 ROUTE_PROTO = 80
