@@ -1,0 +1,74 @@
+"""The iptables writer: ``iptables-restore --noflush --wait`` transactions, reads with ``iptables-save``/``-S``.
+
+Only a failure at COMMIT time is retried: the legacy backend reports a concurrent change of the table (EAGAIN
+from the kernel) as a failure of the COMMIT line, and the xtables lock can be busy. Any other failure (a bad
+rule, a missing ipset, a chain still referenced) is the same on every attempt and is raised at once, with the
+offending input line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from agent.dataplane.backend import Backend
+from agent.dataplane.cmd import CommandError, Runner
+from agent.dataplane.render import parse_chain_listing
+
+log = logging.getLogger(__name__)
+
+_FAILED_LINE = re.compile(r"line:? (\d+)")
+_CONTENTION = ("Resource temporarily unavailable", "xtables lock", "holding the xtables lock")
+
+
+class RestoreError(RuntimeError):
+    def __init__(self, table: str, message: str, line: str | None) -> None:
+        self.table = table
+        self.line = line
+        where = f" at {line!r}" if line else ""
+        super().__init__(f"iptables-restore of table {table} failed{where}: {message}")
+
+
+def is_commit_contention(stderr: str, text: str) -> bool:
+    if any(s in stderr for s in _CONTENTION):
+        return True
+    m = _FAILED_LINE.search(stderr)
+    if m is None:
+        return False
+    lines = text.splitlines()
+    n = int(m.group(1))
+    # A bare "line N failed" on COMMIT: legacy's report of a table changed under us.
+    return 0 < n <= len(lines) and lines[n - 1].strip() == "COMMIT" and "failed:" not in stderr
+
+
+class Iptables:
+    def __init__(self, runner: Runner, backend: Backend, attempts: int = 4, wait_s: float = 5.0) -> None:
+        self.runner = runner
+        self.backend = backend
+        self.attempts = attempts
+        self.wait_s = wait_s
+
+    def save(self, table: str) -> str:
+        return self.runner.run([self.backend.save, "-t", table]).stdout
+
+    def list_chain(self, table: str, chain: str) -> list[str]:
+        out = self.runner.run([self.backend.iptables, "-w", str(int(self.wait_s)), "-t", table, "-S", chain]).stdout
+        return parse_chain_listing(out)
+
+    def restore(self, table: str, text: str) -> None:
+        """Apply one table's transaction (``text`` holds ``*table`` … ``COMMIT``)."""
+        argv = [self.backend.restore, "--noflush", "--wait", str(int(self.wait_s))]
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self.runner.run(argv, stdin=text)
+                return
+            except CommandError as exc:
+                if attempt < self.attempts and is_commit_contention(exc.stderr, text):
+                    log.info("iptables-restore %s: COMMIT contention, retrying (%d): %s", table, attempt, exc.stderr)
+                    time.sleep(0.01 * 2**attempt)
+                    continue
+                m = _FAILED_LINE.search(exc.stderr)
+                lines = text.splitlines()
+                bad = lines[int(m.group(1)) - 1] if m and 0 < int(m.group(1)) <= len(lines) else None
+                raise RestoreError(table, exc.stderr, bad) from exc

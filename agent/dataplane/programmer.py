@@ -1,0 +1,137 @@
+"""Bring the kernel's podnet chains, jumps and ipsets to a desired ``DataplaneState``.
+
+Order within one sync: ipset creates/adds/deletes first (a rule may only name an existing set), then one
+iptables-restore transaction per table, then destroys of stale sets (only once no rule references them). The
+writer remembers what it last wrote, so an incremental sync reads nothing but the built-in chains (to re-check that
+our jump is still first); a full sync reads the kernel back and repairs whatever drifted. After any failure the
+memory is dropped and the next sync is a full one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from agent.calc.state import DataplaneState
+from agent.dataplane.backend import Backend, detect
+from agent.dataplane.cmd import Runner
+from agent.dataplane.ipset import Ipset
+from agent.dataplane.iptables import Iptables
+from agent.dataplane.render import (
+    KernelSet,
+    check_names,
+    is_our_jump,
+    parse_save,
+    plan_ipsets,
+    plan_table,
+    rule_hashes,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncResult:
+    full: bool
+    chains_written: list[str] = field(default_factory=list)
+    chains_deleted: list[str] = field(default_factory=list)
+    jumps_fixed: list[str] = field(default_factory=list)
+    sets_changed: int = 0
+    sets_rebuilt: list[str] = field(default_factory=list)
+    sets_destroyed: int = 0
+
+    @property
+    def wrote(self) -> bool:
+        return bool(
+            self.chains_written or self.chains_deleted or self.jumps_fixed or self.sets_changed or self.sets_destroyed
+        )
+
+
+class PolicyDataplane:
+    """The only writer of podnet's iptables chains, kernel jumps and ipsets (in one network namespace)."""
+
+    def __init__(self, runner: Runner | None = None, backend: Backend | None = None) -> None:
+        self.runner = runner or Runner()
+        self.backend = backend or detect(self.runner)
+        self.iptables = Iptables(self.runner, self.backend)
+        self.ipset = Ipset(self.runner)
+        # What we believe the kernel holds; None = unknown, read it back on the next sync.
+        self._chains: dict[str, dict[str, tuple[str, ...]]] | None = None
+        self._jumps: set[tuple[str, str]] = set()  # (table, built-in chain) holding a podnet jump
+        self._sets: dict[str, KernelSet] | None = None
+
+    def forget(self) -> None:
+        self._chains = None
+        self._sets = None
+
+    def apply(self, desired: DataplaneState, full: bool = False, delete_stale: bool = False) -> SyncResult:
+        check_names(desired.tables, desired.ipsets)
+        full = full or self._chains is None or self._sets is None
+        result = SyncResult(full=full)
+        try:
+            self._apply(desired, full, delete_stale, result)
+        except Exception:
+            self.forget()
+            raise
+        return result
+
+    def remove_all(self) -> SyncResult:
+        """Delete every podnet jump, chain and ipset (uninstall); foreign rules stay as they are."""
+        return self.apply(DataplaneState(), full=True, delete_stale=True)
+
+    def _apply(self, desired: DataplaneState, full: bool, delete_stale: bool, result: SyncResult) -> None:
+        tables = sorted({"filter", *desired.tables, *(self._chains or {}), *(t for t, _ in self._jumps)})
+        builtin: dict[str, dict[str, list[str]]] = {}
+        if full:
+            chains: dict[str, dict[str, tuple[str, ...]]] = {}
+            jumps: set[tuple[str, str]] = set()
+            for table in tables:
+                view = parse_save(self.iptables.save(table)).get(table)
+                chains[table] = dict(view.chains) if view else {}
+                builtin[table] = dict(view.builtin) if view else {}
+            sets = self.ipset.save()
+        else:
+            assert self._chains is not None and self._sets is not None
+            chains = {t: dict(self._chains.get(t, {})) for t in tables}
+            jumps = set(self._jumps)
+            sets = dict(self._sets)
+            for table in tables:
+                wanted = {j.chain for j in desired.jumps if j.table == table}
+                known = {c for t, c in self._jumps if t == table}
+                builtin[table] = {c: self.iptables.list_chain(table, c) for c in sorted(wanted | known)}
+
+        ipset_plan = plan_ipsets(desired.ipsets, sets, delete_stale)
+        self.ipset.restore(ipset_plan.text)
+        changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
+        result.sets_changed = changed
+        result.sets_rebuilt = list(ipset_plan.rebuilt)
+        sets = {**{n: s for n, s in sets.items() if not delete_stale}, **ipset_plan.written}
+
+        for table in tables:
+            plan = plan_table(
+                table,
+                desired=desired.tables.get(table, {}),
+                jumps=desired.jumps,
+                current_chains=chains.get(table, {}),
+                builtin=builtin.get(table, {}),
+                delete_stale=delete_stale,
+            )
+            if plan.text:
+                self.iptables.restore(table, plan.text)
+                log.debug("iptables %s: wrote %s, deleted %s", table, plan.chains_written, plan.chains_deleted)
+            kept = {n: h for n, h in chains.get(table, {}).items() if not delete_stale}
+            chains[table] = {**kept, **{n: rule_hashes(c) for n, c in desired.tables.get(table, {}).items()}}
+            result.chains_written += [f"{table}/{c}" for c in plan.chains_written]
+            result.chains_deleted += [f"{table}/{c}" for c in plan.chains_deleted]
+            result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
+            jumps = {(t, c) for t, c in jumps if t != table}
+            jumps |= {(j.table, j.chain) for j in desired.jumps if j.table == table}
+            if not delete_stale:  # stale jumps stay until cleanup: remember where they are
+                jumps |= {(table, c) for c, rules in builtin.get(table, {}).items() if any(map(is_our_jump, rules))}
+
+        if ipset_plan.destroy_text:
+            self.ipset.restore(ipset_plan.destroy_text)
+            result.sets_destroyed = ipset_plan.destroy_text.count("\n")
+        self._chains = chains
+        self._jumps = jumps
+        self._sets = sets

@@ -1,0 +1,300 @@
+"""Pure rendering: desired ``DataplaneState`` + what the kernel holds → ``iptables-restore`` and ``ipset restore``
+input containing only what changed.
+
+Every rule we write carries a comment ``podnet:<hash>``; the hash chains over the chain name and all rules up to
+and including this one (as Felix does). Reading the hashes back from ``iptables-save`` tells, without parsing
+iptables' normalised rule text, whether a chain is exactly what we want: a rule added, edited or deleted by hand
+breaks the sequence and the chain is rewritten on the next full resync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.calc.state import Chain, IpSet, KernelJump
+
+OWNED_PREFIX = "podnet-"
+HASH_TAG = "podnet:"
+MAX_CHAIN_NAME = 28
+MAX_SET_NAME = 31
+DEFAULT_MAXELEM = 65536
+# Built-in chains per table; a podnet jump may only live in these.
+BUILTIN_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+}
+_HASH_RE = re.compile(r'--comment "?' + re.escape(HASH_TAG) + r'([0-9a-f]+)"?')
+_TARGET_RE = re.compile(r"(?:^|\s)-[jg] (\S+)")
+
+
+class RenderError(ValueError):
+    """The desired state cannot be written as asked (bad name, unknown table, incompatible ipset change)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# iptables
+
+
+def rule_hashes(chain: Chain) -> tuple[str, ...]:
+    out: list[str] = []
+    prev = chain.name
+    for rule in chain.rules:
+        prev = hashlib.sha256(f"{prev}\0{rule}".encode()).hexdigest()[:16]
+        out.append(prev)
+    return tuple(out)
+
+
+@dataclass
+class TableView:
+    """What one table holds, as far as podnet cares: each owned chain's rule hashes ("" for a rule that carries no
+    hash of ours, which marks the chain as drifted), and the rules of the built-in chains (``-A CHAIN`` stripped)."""
+
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    builtin: dict[str, list[str]] = field(default_factory=dict)
+
+
+def parse_save(text: str) -> dict[str, TableView]:
+    """Parse ``iptables-save`` output (one or more tables)."""
+    views: dict[str, TableView] = {}
+    view: TableView | None = None
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            view = views.setdefault(table, TableView())
+        elif view is None or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if name.startswith(OWNED_PREFIX):
+                view.chains.setdefault(name, ())
+            elif name in BUILTIN_CHAINS.get(table, ()):
+                view.builtin.setdefault(name, [])
+        elif line.startswith("-A "):
+            _, name, rest = [*line.split(" ", 2), ""][:3]
+            if name.startswith(OWNED_PREFIX):
+                m = _HASH_RE.search(rest)
+                view.chains[name] = (*view.chains.get(name, ()), m.group(1) if m else "")
+            elif name in BUILTIN_CHAINS.get(table, ()):
+                view.builtin.setdefault(name, []).append(rest)
+    return views
+
+
+def parse_chain_listing(text: str) -> list[str]:
+    """Rules of one chain from ``iptables -S CHAIN`` (the ``-P``/``-N`` line dropped, ``-A CHAIN`` stripped)."""
+    rules = []
+    for line in text.splitlines():
+        if line.startswith("-A "):
+            parts = line.split(" ", 2)
+            rules.append(parts[2] if len(parts) > 2 else "")
+    return rules
+
+
+def rule_target(rule: str) -> str | None:
+    m = _TARGET_RE.search(rule)
+    return m.group(1) if m else None
+
+
+def is_our_jump(rule: str) -> bool:
+    target = rule_target(rule)
+    return target is not None and target.startswith(OWNED_PREFIX)
+
+
+def _same_rule(a: str, b: str) -> bool:
+    try:
+        return shlex.split(a) == shlex.split(b)
+    except ValueError:
+        return a == b
+
+
+def check_names(tables: Mapping[str, Mapping[str, Chain]], ipsets: Iterable[str]) -> None:
+    for table, chains in tables.items():
+        if table not in BUILTIN_CHAINS:
+            raise RenderError(f"unknown iptables table {table!r}")
+        for name in chains:
+            if not name.startswith(OWNED_PREFIX) or len(name) > MAX_CHAIN_NAME or " " in name:
+                raise RenderError(f"chain name {name!r} must start with {OWNED_PREFIX!r}, ≤ {MAX_CHAIN_NAME} chars")
+    for name in ipsets:
+        if not name.startswith(OWNED_PREFIX) or len(name) > MAX_SET_NAME or " " in name:
+            raise RenderError(f"ipset name {name!r} must start with {OWNED_PREFIX!r}, ≤ {MAX_SET_NAME} chars")
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    table: str
+    text: str  # iptables-restore input; "" when nothing is to be written
+    chains_written: tuple[str, ...]
+    chains_deleted: tuple[str, ...]
+    jumps_fixed: tuple[str, ...]  # built-in chains whose podnet jump was (re)inserted or removed
+
+
+def plan_table(
+    table: str,
+    *,
+    desired: Mapping[str, Chain],
+    jumps: Iterable[KernelJump],
+    current_chains: Mapping[str, tuple[str, ...]],
+    builtin: Mapping[str, list[str]],
+    delete_stale: bool,
+) -> TablePlan:
+    """One ``iptables-restore --noflush`` transaction for ``table``.
+
+    ``current_chains`` are the hashes of our chains in the kernel (or as last written); ``builtin`` the rules of the
+    built-in chains as read from the kernel (a chain with a wanted jump missing there counts as empty). Our jump
+    must be the only podnet rule of its built-in chain and sit at position 1; if not, our rules there are deleted
+    and the jump inserted at 1, in the same transaction, so no packet sees the chain without it. Foreign rules are
+    never named.
+    """
+    want = {name: rule_hashes(chain) for name, chain in desired.items()}
+    changed = sorted(name for name, hashes in want.items() if current_chains.get(name) != hashes)
+    stale = sorted(set(current_chains) - set(want)) if delete_stale else []
+    wanted_jumps = {j.chain: j for j in jumps if j.table == table}
+    for chain in wanted_jumps:
+        if chain not in BUILTIN_CHAINS[table]:
+            raise RenderError(f"podnet jump in {table}/{chain}: not a built-in chain")
+
+    jump_lines: list[str] = []
+    fixed: list[str] = []
+    for chain in sorted(set(builtin) | set(wanted_jumps)):
+        rules = builtin.get(chain, [])
+        ours = [r for r in rules if is_our_jump(r)]
+        jump = wanted_jumps.get(chain)
+        if jump is None:
+            if not delete_stale or not ours:
+                continue
+        elif len(ours) == 1 and rules and rules[0] == ours[0] and _same_rule(ours[0], jump.rule):
+            continue
+        jump_lines += [f"-D {chain} {r}" for r in ours]
+        if jump is not None:
+            jump_lines.append(f"-I {chain} 1 {jump.rule}")
+        fixed.append(chain)
+    if not changed and not stale and not jump_lines:
+        return TablePlan(table, "", (), (), ())
+    lines = [f"*{table}"]
+    lines += [f":{name} - [0:0]" for name in [*changed, *stale]]
+    for name in changed:
+        for rule, h in zip(desired[name].rules, want[name], strict=True):
+            lines.append(f'-A {name} -m comment --comment "{HASH_TAG}{h}" {rule}')
+    lines += jump_lines
+    lines += [f"-X {name}" for name in stale]
+    lines.append("COMMIT")
+    return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ipset
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    type: str
+    family: str
+    maxelem: int
+    members: frozenset[str]
+
+
+def normalize_member(set_type: str, member: str) -> str:
+    """The form ``ipset save`` prints: single spaces, lower-case protocol, no /32 (/128) on a host in a net set."""
+    parts = member.split()
+    if not parts:
+        raise RenderError("empty ipset member")
+    head, flags = parts[0], parts[1:]
+    fields = head.split(",")
+    out = []
+    for i, value in enumerate(fields):
+        if i == 0 and set_type.startswith("hash:net") and "/" in value:
+            net = ipaddress.ip_network(value, strict=False)
+            out.append(str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net))
+        elif i == 1 and ":" in value:
+            proto, port = value.split(":", 1)
+            out.append(f"{proto.lower()}:{port}")
+        else:
+            out.append(value)
+    return " ".join([",".join(out), *flags])
+
+
+def parse_ipset_save(text: str) -> dict[str, KernelSet]:
+    """Our sets from ``ipset save`` output."""
+    meta: dict[str, tuple[str, str, int]] = {}
+    members: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        if parts[0] == "create" and parts[1].startswith(OWNED_PREFIX):
+            opts = dict(zip(parts[3::2], parts[4::2], strict=False))
+            meta[parts[1]] = (parts[2], opts.get("family", "inet"), int(opts.get("maxelem", DEFAULT_MAXELEM)))
+            members.setdefault(parts[1], set())
+        elif parts[0] == "add" and parts[1] in meta:
+            members[parts[1]].add(" ".join(parts[2:]))
+    return {
+        name: KernelSet(name, t, fam, maxelem, frozenset(members[name])) for name, (t, fam, maxelem) in meta.items()
+    }
+
+
+def maxelem_for(n: int) -> int:
+    size = DEFAULT_MAXELEM
+    while size < 2 * n:
+        size *= 2
+    return size
+
+
+def temp_name(name: str) -> str:
+    return "podnet-t-" + hashlib.sha256(name.encode()).hexdigest()[: MAX_SET_NAME - len("podnet-t-")]
+
+
+def _dimensions(set_type: str) -> int:
+    return set_type.count(",") + 1
+
+
+@dataclass(frozen=True)
+class IpsetPlan:
+    text: str  # `ipset restore -exist` input for creates, adds, deletes and rebuilds; "" when nothing to do
+    destroy_text: str  # destroys of stale sets, run after iptables no longer references them
+    written: dict[str, KernelSet]  # the state of every desired set after `text` succeeds
+    rebuilt: tuple[str, ...]
+
+
+def plan_ipsets(desired: Mapping[str, IpSet], current: Mapping[str, KernelSet], delete_stale: bool) -> IpsetPlan:
+    lines: list[str] = []
+    written: dict[str, KernelSet] = {}
+    rebuilt: list[str] = []
+    for name in sorted(desired):
+        ips = desired[name]
+        members = frozenset(normalize_member(ips.type, m) for m in ips.members)
+        have = current.get(name)
+        if have is None:
+            maxelem = maxelem_for(len(members))
+            lines.append(f"create {name} {ips.type} family {ips.family} maxelem {maxelem}")
+            lines += [f"add {name} {m}" for m in sorted(members)]
+        elif have.type == ips.type and have.family == ips.family and have.maxelem >= len(members):
+            maxelem = have.maxelem
+            lines += [f"del {name} {m}" for m in sorted(have.members - members)]
+            lines += [f"add {name} {m}" for m in sorted(members - have.members)]
+        else:
+            # Rebuild beside the live set and swap, so rules referencing it never see a missing or half-filled set.
+            if _dimensions(have.type) != _dimensions(ips.type) or have.family != ips.family:
+                raise RenderError(
+                    f"ipset {name} cannot change from {have.type} ({have.family}) to {ips.type} ({ips.family}) in "
+                    "place; the compiler must give the new set a new name"
+                )
+            tmp = temp_name(name)
+            maxelem = maxelem_for(len(members))
+            lines.append(f"create {tmp} {ips.type} family {ips.family} maxelem {maxelem}")
+            lines.append(f"flush {tmp}")
+            lines += [f"add {tmp} {m}" for m in sorted(members)]
+            lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+            rebuilt.append(name)
+        written[name] = KernelSet(name, ips.type, ips.family, maxelem, members)
+    stale = sorted(set(current) - set(desired)) if delete_stale else []
+    destroy = "".join(f"destroy {name}\n" for name in stale)
+    text = "\n".join(lines) + "\n" if lines else ""
+    return IpsetPlan(text, destroy, written, tuple(rebuilt))
