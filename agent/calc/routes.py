@@ -71,6 +71,7 @@ class VxlanPeer:
 
 @dataclass(frozen=True)
 class IpipDevice:
+    local_ip: str  # this node's underlay address (the writer sizes the MTU from the link holding it)
     address: str | None = None  # this node's tunnel address from IPAM (assigned as a /32)
 
 
@@ -208,8 +209,8 @@ def plan_routes(snap: Snapshot, node_name: str, learned: Iterable[LearnedRoute])
             address=me.vxlan_address,
         )
     ipip = None
-    if any(p.encapsulation == "ipip" for p in pools):
-        ipip = IpipDevice(address=me.tunnel_address if me is not None else None)
+    if any(p.encapsulation == "ipip" for p in pools) and me is not None:
+        ipip = IpipDevice(local_ip=me.address, address=me.tunnel_address)
     return RoutePlan(
         routes=routes,
         vxlan=vxlan,

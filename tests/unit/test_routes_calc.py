@@ -114,7 +114,7 @@ def test_ipip_routes_onlink_through_tunl0() -> None:
         encapsulation="ipip",
         learned_from="192.168.77.12",
     )
-    assert plan.ipip == IpipDevice(address="10.244.1.1")
+    assert plan.ipip == IpipDevice(local_ip="192.168.77.11", address="10.244.1.1")
     assert plan.vxlan is None
 
 

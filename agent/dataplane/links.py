@@ -1,0 +1,206 @@
+"""The tunnel devices: ``vxlan.podnet`` (with its static FDB and neighbour entries) and ``tunl0``.
+
+Ensure-and-repair: whatever is there is adopted if it matches the plan, fixed in place where the kernel allows
+(MTU, MAC, state, addresses), and recreated only when an immutable attribute (VNI, port, source, parent) is wrong.
+Both devices are ours by name; FDB and neighbour entries on ``vxlan.podnet`` are therefore ours too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.calc.routes import (
+    IPIP_DEVICE,
+    IPIP_OVERHEAD,
+    VXLAN_DEVICE,
+    VXLAN_OVERHEAD,
+    IpipDevice,
+    RoutePlan,
+    VxlanDevice,
+)
+from agent.calc.routes import VxlanPeer as Peer
+from agent.dataplane.netlink import Netlink, NetlinkError
+
+log = logging.getLogger(__name__)
+
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+IFF_UP = 0x1
+
+
+class IpipUnavailable(RuntimeError):
+    """The kernel cannot make IPIP devices (no ``ipip`` module): pools with IPIP encapsulation cannot be served."""
+
+
+@dataclass
+class LinkResult:
+    problems: list[str] = field(default_factory=list)
+
+
+class LinkWriter:
+    def __init__(self, nl: Netlink) -> None:
+        self.nl = nl
+
+    def apply(self, plan: RoutePlan, in_sync: bool) -> LinkResult:
+        result = LinkResult()
+        try:
+            if plan.vxlan is not None:
+                self.ensure_vxlan(plan.vxlan)
+                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync)
+            elif in_sync:
+                self.remove_vxlan()
+        except (NetlinkError, LookupError) as exc:
+            result.problems.append(f"{VXLAN_DEVICE}: {exc}")
+        if plan.ipip is not None:
+            try:
+                self.ensure_ipip(plan.ipip)
+            except (NetlinkError, LookupError, IpipUnavailable) as exc:
+                result.problems.append(f"{IPIP_DEVICE}: {exc}")
+        for p in result.problems:
+            log.warning("device: %s", p)
+        return result
+
+    # -- VXLAN ------------------------------------------------------------------------------------------------
+
+    def _parent(self, local_ip: str) -> tuple[int, int]:
+        """The underlay link (index, MTU) that carries ``local_ip``."""
+        index = self.nl.link_of_address(local_ip)
+        if index is None:
+            raise LookupError(f"no link carries the node address {local_ip}")
+        return index, int(self.nl.link(index).get("IFLA_MTU"))
+
+    def ensure_vxlan(self, want: VxlanDevice) -> int:
+        parent, host_mtu = self._parent(want.local_ip)
+        mtu = host_mtu - VXLAN_OVERHEAD
+        ipr = self.nl.ipr
+        index = self.nl.index(VXLAN_DEVICE)
+        if index is not None and not _vxlan_matches(self.nl.link(index), want, parent):
+            log.info("recreating %s: VNI, port, source or parent changed", VXLAN_DEVICE)
+            ipr.link("del", index=index)
+            index = None
+        if index is None:
+            ipr.link(
+                "add",
+                ifname=VXLAN_DEVICE,
+                kind="vxlan",
+                vxlan_id=want.vni,
+                vxlan_port=want.port,
+                vxlan_local=want.local_ip,
+                vxlan_link=parent,
+                vxlan_learning=0,
+                address=want.mac,
+                mtu=mtu,
+            )
+            index = self.nl.index(VXLAN_DEVICE)
+            assert index is not None
+        link = self.nl.link(index)
+        changes: dict[str, Any] = {}
+        if link.get("IFLA_MTU") != mtu:
+            changes["mtu"] = mtu
+        if str(link.get("IFLA_ADDRESS")).lower() != want.mac:
+            changes["address"] = want.mac
+        if not link["flags"] & IFF_UP:
+            changes["state"] = "up"
+        if changes:
+            ipr.link("set", index=index, **changes)
+        self._ensure_addresses(index, [want.address] if want.address else [])
+        return index
+
+    def remove_vxlan(self) -> None:
+        index = self.nl.index(VXLAN_DEVICE)
+        if index is not None:
+            self.nl.ipr.link("del", index=index)
+
+    def sync_vxlan_peers(self, peers: tuple[Peer, ...], remove_stale: bool) -> None:
+        index = self.nl.index(VXLAN_DEVICE)
+        if index is None:
+            raise LookupError(f"{VXLAN_DEVICE} is missing")
+        ipr = self.nl.ipr
+        fdb_want = {(p.mac, p.node_ip) for p in peers}
+        neigh_want = {(p.next_hop, p.mac) for p in peers}
+        fdb_have = set()
+        for msg in ipr.fdb("dump", ifindex=index):
+            if msg["ifindex"] == index and msg.get("NDA_DST"):
+                fdb_have.add((str(msg.get("NDA_LLADDR")).lower(), str(msg.get("NDA_DST"))))
+        neigh_have = set()
+        for msg in ipr.neigh("dump", ifindex=index):
+            if msg["ifindex"] == index and msg["family"] in (socket.AF_INET, socket.AF_INET6):
+                neigh_have.add((str(msg.get("NDA_DST")), str(msg.get("NDA_LLADDR")).lower()))
+        # FDB before neighbours: a neighbour resolved to a MAC with no FDB entry would blackhole packets.
+        for mac, dst in sorted(fdb_want - fdb_have):
+            ipr.fdb("replace", ifindex=index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
+        for dst, mac in sorted(neigh_want - neigh_have):
+            ipr.neigh("replace", ifindex=index, dst=dst, lladdr=mac, state=NUD_PERMANENT)
+        if not remove_stale:
+            return
+        wanted_neigh_dsts = {dst for dst, _ in neigh_want}
+        for dst, mac in sorted(neigh_have - neigh_want):
+            if dst not in wanted_neigh_dsts:
+                ipr.neigh("del", ifindex=index, dst=dst, lladdr=mac)
+        for mac, dst in sorted(fdb_have - fdb_want):
+            ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF)
+
+    # -- IPIP -------------------------------------------------------------------------------------------------
+
+    def ensure_ipip(self, want: IpipDevice) -> int:
+        """``tunl0`` appears by itself once the ``ipip`` module is loaded; asking for it loads the module if the
+        kernel has one. Without it, report clearly: no route through tunl0 can work."""
+        _, host_mtu = self._parent(want.local_ip)
+        mtu = host_mtu - IPIP_OVERHEAD
+        ipr = self.nl.ipr
+        index = self.nl.index(IPIP_DEVICE)
+        if index is None:
+            try:
+                ipr.link("add", ifname=IPIP_DEVICE, kind="ipip")
+            except NetlinkError as exc:
+                raise IpipUnavailable(f"this kernel cannot create IPIP devices ({exc})") from None
+            index = self.nl.index(IPIP_DEVICE)
+            if index is None:
+                raise IpipUnavailable("tunl0 did not appear after creating it")
+        link = self.nl.link(index)
+        changes: dict[str, Any] = {}
+        if link.get("IFLA_MTU") != mtu:
+            changes["mtu"] = mtu
+        if not link["flags"] & IFF_UP:
+            changes["state"] = "up"
+        if changes:
+            ipr.link("set", index=index, **changes)
+        self._ensure_addresses(index, [want.address] if want.address else [])
+        return int(index)
+
+    # -- shared -----------------------------------------------------------------------------------------------
+
+    def _ensure_addresses(self, index: int, wanted: list[str]) -> None:
+        """Exactly ``wanted`` (as host addresses) on a device we own."""
+        ipr = self.nl.ipr
+        want: set[tuple[str, int]] = {
+            (str(ipaddress.ip_address(a)), ipaddress.ip_address(a).max_prefixlen) for a in wanted
+        }
+        have: set[tuple[str, int]] = set()
+        for msg in ipr.addr("dump", index=index):
+            if msg["index"] == index and msg["family"] == socket.AF_INET:
+                have.add((str(msg.get("IFA_ADDRESS")), int(msg["prefixlen"])))
+        for addr, plen in sorted(want - have):
+            ipr.addr("add", index=index, address=addr, prefixlen=plen)
+        for addr, plen in sorted(have - want):
+            ipr.addr("del", index=index, address=addr, prefixlen=plen)
+
+
+def _vxlan_matches(link: Any, want: VxlanDevice, parent: int) -> bool:
+    info = link.get("IFLA_LINKINFO")
+    if info is None or info.get("IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = info.get("IFLA_INFO_DATA")
+    if data is None:
+        return False
+    return bool(
+        data.get("IFLA_VXLAN_ID") == want.vni
+        and data.get("IFLA_VXLAN_PORT") == want.port
+        and data.get("IFLA_VXLAN_LOCAL") == want.local_ip
+        and data.get("IFLA_VXLAN_LINK") == parent
+        and data.get("IFLA_VXLAN_LEARNING") == 0
+    )
