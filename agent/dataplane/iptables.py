@@ -19,7 +19,8 @@ from agent.dataplane.render import parse_chain_listing
 log = logging.getLogger(__name__)
 
 _FAILED_LINE = re.compile(r"line:? (\d+)")
-_CONTENTION = ("Resource temporarily unavailable", "xtables lock", "holding the xtables lock")
+_BARE_FAILURE = re.compile(r"\S+: line (\d+) failed")
+_CONTENTION = ("Resource temporarily unavailable", "holding the xtables lock")
 
 
 class RestoreError(RuntimeError):
@@ -33,13 +34,14 @@ class RestoreError(RuntimeError):
 def is_commit_contention(stderr: str, text: str) -> bool:
     if any(s in stderr for s in _CONTENTION):
         return True
-    m = _FAILED_LINE.search(stderr)
+    # A bare "line N failed" (no reason given) on COMMIT: legacy's report of a table changed under us. It also
+    # reports a rule loop that way; that one fails every attempt and is raised after the last.
+    m = _BARE_FAILURE.fullmatch(stderr.strip())
     if m is None:
         return False
     lines = text.splitlines()
     n = int(m.group(1))
-    # A bare "line N failed" on COMMIT: legacy's report of a table changed under us.
-    return 0 < n <= len(lines) and lines[n - 1].strip() == "COMMIT" and "failed:" not in stderr
+    return 0 < n <= len(lines) and lines[n - 1].strip() == "COMMIT"
 
 
 class Iptables:
