@@ -4,7 +4,8 @@
     python -m agent.dataplane.run --remove        delete every podnet chain, jump and ipset, then exit
 
 Run it inside a network namespace (``ip netns exec NS …``) to program that namespace. Prints one line per sync that
-wrote something or was full ("synced <revision> full|incremental <ms>ms wrote=<objects written>") so a caller can wait for convergence.
+wrote something or was full ("synced <revision> full|incremental <ms>ms wrote=<objects written>"), so a caller can
+wait for convergence.
 """
 
 from __future__ import annotations
