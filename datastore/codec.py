@@ -27,6 +27,7 @@ Model = (
     | m.Endpoint
     | m.RouteStatus
     | m.BGPPeerStatus
+    | m.AgentStatus
 )
 
 T = TypeVar("T")
@@ -45,6 +46,7 @@ _PARSERS: dict[type[k.Key], Callable[[JsonObject], Model]] = {
     k.EndpointKey: m.Endpoint.from_json,
     k.RouteKey: m.RouteStatus.from_json,
     k.BGPPeerStatusKey: m.BGPPeerStatus.from_json,
+    k.AgentStatusKey: m.AgentStatus.from_json,
 }
 
 
@@ -77,6 +79,8 @@ def key_of(value: Model) -> k.Key:
             return k.RouteKey(value.node, value.cidr)
         case m.BGPPeerStatus():
             return k.BGPPeerStatusKey(value.node, value.peer_ip)
+        case m.AgentStatus():
+            return k.AgentStatusKey(value.node)
     raise TypeError(f"not a podnet model: {type(value).__name__}")
 
 

@@ -15,6 +15,7 @@ Layout (root ``/podnet/v1``; CIDRs are written with ``-`` for ``/`` so a key has
     endpoints/<node>/<ns>/<pod>/<iface>     Endpoint
     routes/<node>/<cidr>                    RouteStatus   (lease-bound)
     bgp/<node>/peers/<peer-ip>              BGPPeerStatus (lease-bound)
+    agents/<node>                           AgentStatus   (lease-bound)
 """
 
 from __future__ import annotations
@@ -218,6 +219,16 @@ class BGPPeerStatusKey(Key):
         return f"{ROOT}/bgp/{_segment(self.node, 'node name')}/peers/{_ip(self.peer_ip)}"
 
 
+@dataclass(frozen=True)
+class AgentStatusKey(Key):
+    node: str
+    kind: ClassVar[str] = "agentstatus"
+
+    @property
+    def path(self) -> str:
+        return f"{ROOT}/agents/{_segment(self.node, 'node name')}"
+
+
 # Prefixes for watches and listings. A prefix always ends in "/" so "nodes/a" never matches "nodes/ab".
 CONFIG_PREFIX = f"{ROOT}/config/"
 BGP_PEERS_PREFIX = f"{ROOT}/config/bgppeers/"
@@ -232,6 +243,7 @@ POLICIES_PREFIX = f"{ROOT}/policies/"
 ENDPOINTS_PREFIX = f"{ROOT}/endpoints/"
 ROUTES_PREFIX = f"{ROOT}/routes/"
 BGP_STATUS_PREFIX = f"{ROOT}/bgp/"
+AGENTS_PREFIX = f"{ROOT}/agents/"
 
 
 def affinity_prefix(node: str) -> str:
@@ -282,6 +294,8 @@ def parse_key(path: str) -> Key:
             key = RouteKey(node, decode_cidr(cidr))
         case ["bgp", node, "peers", peer]:
             key = BGPPeerStatusKey(node, _ip(peer))
+        case ["agents", node]:
+            key = AgentStatusKey(node)
         case _:
             raise InvalidKey(f"key {path!r} does not match the podnet layout")
     # Rendering validates every segment; a key that does not render back identically is not ours.

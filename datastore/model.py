@@ -17,6 +17,7 @@ from datastore.fields import JsonObject, ModelError
 
 __all__ = [
     "Affinity",
+    "AgentStatus",
     "Allocation",
     "BGPPeer",
     "BGPPeerStatus",
@@ -538,4 +539,42 @@ class BGPPeerStatus:
             "asNumber": self.as_number,
             "prefixesReceived": self.prefixes_received,
             "prefixesSent": self.prefixes_sent,
+        }
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """A node agent's own state for operators (lease-bound): in sync with the datastore or not, its BGP identity,
+    and what it could not program."""
+
+    node: str
+    in_sync: bool = False
+    revision: int = 0
+    router_id: str | None = None
+    as_number: int | None = None
+    since: str = ""  # ISO 8601 time in_sync last changed
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, d: JsonObject) -> AgentStatus:
+        rid = f.opt_string(d, "routerID")
+        return cls(
+            node=f.string(d, "node"),
+            in_sync=f.boolean(d, "inSync"),
+            revision=f.integer(d, "revision", 0, lo=0),
+            router_id=None if rid is None else f.ip(rid, "routerID"),
+            as_number=f.opt_integer(d, "asNumber", lo=1, hi=MAX_AS),
+            since=f.string(d, "since", ""),
+            problems=f.string_list(d, "problems"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "inSync": self.in_sync,
+            "revision": self.revision,
+            "routerID": self.router_id,
+            "asNumber": self.as_number,
+            "since": self.since,
+            "problems": list(self.problems),
         }

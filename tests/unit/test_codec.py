@@ -42,6 +42,7 @@ SAMPLES: list[codec.Model] = [
     ),
     m.RouteStatus(node="n1", cidr="10.244.2.0/26", type="remote-block", via="192.168.77.12", dev="eth0"),
     m.BGPPeerStatus(node="n1", peer_ip="192.168.77.12", peer_type="node-to-node mesh", state="Established"),
+    m.AgentStatus(node="n1", in_sync=True, revision=7, router_id="192.168.77.11", as_number=64512, problems=("x",)),
 ]
 
 

@@ -16,6 +16,7 @@ EXAMPLES = [
     (k.EndpointKey("node-1", "nsa", "web-0", "eth0"), "/podnet/v1/endpoints/node-1/nsa/web-0/eth0"),
     (k.RouteKey("node-1", "10.244.2.0/26"), "/podnet/v1/routes/node-1/10.244.2.0-26"),
     (k.BGPPeerStatusKey("node-1", "192.168.77.12"), "/podnet/v1/bgp/node-1/peers/192.168.77.12"),
+    (k.AgentStatusKey("node-1"), "/podnet/v1/agents/node-1"),
     (k.PoolKey("fd00:10::/64"), "/podnet/v1/ipam/pools/fd00:10::-64"),
 ]
 
