@@ -90,6 +90,7 @@ class BGPPeer:
     password: str | None = None
     hold_time: int = 90
     graceful_restart_time: int = 120
+    accept_routes: bool = False  # put the routes this peer announces into the nodes' RIBs (else ignore them)
 
     @classmethod
     def from_json(cls, d: JsonObject) -> BGPPeer:
@@ -107,6 +108,7 @@ class BGPPeer:
             password=password,
             hold_time=hold,
             graceful_restart_time=f.integer(d, "gracefulRestartTime", 120, lo=0, hi=4095),
+            accept_routes=f.boolean(d, "acceptRoutes", False),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +118,7 @@ class BGPPeer:
             "asNumber": self.as_number,
             "holdTime": self.hold_time,
             "gracefulRestartTime": self.graceful_restart_time,
+            "acceptRoutes": self.accept_routes,
         }
         if self.node is not None:
             d["node"] = self.node

@@ -1,0 +1,714 @@
+"""The BGP speaker of one node: ExaBGP as a supervised child, steered through the bridge (``bgp.bridge``).
+
+The owner (the agent's runner) calls ``set_peers`` and ``announce`` with complete desired sets; the speaker works
+out what to tell ExaBGP. It reads learned routes into a RIB and peer state into ``peer_status``; ``on_change``
+callbacks fire (on a speaker thread) when either changes. See docs/bgp.md for the contract.
+
+Threads: one supervises ExaBGP (restart with backoff), one accepts the bridge's connection and reads its events,
+one (the worker) sends commands and runs the graceful-restart timers. State is guarded by one lock; callbacks run
+without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bgp import commands, events, exabgp_conf
+from bgp.commands import OutRoute
+from bgp.outbound import accepts, outbound
+from bgp.plan import PeerSpec, SpeakerIdentity
+from bgp.rib import LearnedRoute, Rib
+from datastore.model import BGPPeerStatus
+
+log = logging.getLogger(__name__)
+
+ESTABLISHED = "Established"
+ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
+RELOAD_TIMEOUT = 10.0
+REFRESH_GRACE = 5.0  # after a bridge restart: how long peers get to re-send their routes on route refresh
+
+
+def _default_exabgp() -> str:
+    return str(Path(sys.executable).with_name("exabgp"))
+
+
+@dataclass(frozen=True)
+class SpeakerConfig:
+    identity: SpeakerIdentity
+    exabgp: str = field(default_factory=_default_exabgp)
+    python: str = sys.executable
+    port: int = 179
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """One peer as operators see it (``agentctl status``)."""
+
+    address: str
+    kind: str
+    name: str
+    state: str  # Idle, Connect, Active, OpenSent, Established; or "Invalid" for a peer with a config error
+    since: str  # ISO 8601, UTC
+    info: str
+    as_number: int
+    prefixes_received: int = 0
+    prefixes_sent: int = 0
+
+    def to_status(self, node: str) -> BGPPeerStatus:
+        return BGPPeerStatus(
+            node=node,
+            peer_ip=self.address,
+            peer_type=self.kind,
+            state=self.state,
+            since=self.since,
+            info=self.info,
+            as_number=self.as_number,
+            prefixes_received=self.prefixes_received,
+            prefixes_sent=self.prefixes_sent,
+        )
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Session:
+    state: str = "Active"
+    since: str = field(default_factory=_now)
+    info: str = ""
+    stale_until: float | None = None  # monotonic deadline of the peer's graceful-restart timer
+    md5_baseline: int = 0
+
+    def set(self, state: str, info: str = "") -> None:
+        if state != self.state:
+            self.since = _now()
+        self.state = state
+        self.info = info
+
+
+class BridgeLost(Exception):
+    pass
+
+
+class _Conn:
+    """The bridge's connection: commands out, acks (with any command output) back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.acks: queue.Queue[tuple[bool, str, list[str]] | None] = queue.Queue()
+        self.text: list[str] = []
+        self.bridge_pid: int | None = None
+        self.closed = False
+
+    def call(self, line: str) -> tuple[bool, list[str]]:
+        try:
+            self.sock.sendall((line + "\n").encode())
+        except OSError:
+            raise BridgeLost() from None
+        try:
+            ack = self.acks.get(timeout=ACK_TIMEOUT)
+        except queue.Empty:
+            raise BridgeLost() from None
+        if ack is None:
+            raise BridgeLost()
+        ok, why, text = ack
+        if not ok:
+            log.warning("ExaBGP refused %r: %s", line, why)
+        return ok, text
+
+    def close(self) -> None:
+        self.closed = True
+        self.acks.put(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class Speaker:
+    def __init__(self, config: SpeakerConfig, workdir: Path, netns: str | None = None) -> None:
+        self.config = config
+        self.identity = config.identity
+        self.workdir = Path(workdir)
+        self.netns = netns
+        self.conf_path = self.workdir / "exabgp.conf"
+        self.sock_path = self.workdir / "bridge.sock"
+        self.log_path = self.workdir / "exabgp.log"
+
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._dirty = True  # the worker has something to look at
+        self._stop_event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._running = False
+        self._threads: list[threading.Thread] = []
+
+        self._peers: dict[str, PeerSpec] = {}
+        self._invalid: list[PeerSpec] = []
+        self._own: frozenset[str] = frozenset()
+        self._rib = Rib()
+        self._router_ids: dict[str, str] = {}
+        self._peer_gr: dict[str, int | None] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._sent: dict[str, dict[str, OutRoute]] = {}
+        self._unsure: dict[str, set[str]] = {}  # prefixes ExaBGP may hold for a peer (after a bridge restart)
+        self._eor_pending: set[str] = set()
+        self._refresh_pending: set[str] = set()
+        self._config_text = ""
+        self._reload_pending = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._generation = 0  # ExaBGP processes started so far
+        self._bridge_generation = -1  # the ExaBGP generation the last bridge connection belonged to
+        self._conn: _Conn | None = None
+        self._server: socket.socket | None = None
+        self._restarts = 0
+        self._last_best: dict[str, LearnedRoute] = {}
+
+    # ---- the owner's API -------------------------------------------------------------------------------------
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on a speaker thread) after learned routes or peer states change."""
+        self._callbacks.append(callback)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(self.sock_path))
+        os.chmod(self.sock_path, 0o600)
+        server.listen(4)
+        self._server = server
+        self._running = True
+        with self._lock:
+            self._write_config()
+        for target, name in ((self._supervise, "supervise"), (self._accept, "bridge"), (self._work, "worker")):
+            t = threading.Thread(target=target, name=f"bgp-{self.identity.node}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, withdraw: bool = True) -> None:
+        """Stop ExaBGP and the bridge. ``withdraw=False`` kills ExaBGP without a BGP NOTIFICATION, as a crash
+        would: peers with graceful restart keep our routes until we come back (use it for a planned restart)."""
+        with self._lock:
+            self._running = False
+            self._stop_event.set()
+            self._kick()
+            proc, conn = self._proc, self._conn
+        if proc is not None and proc.poll() is None:
+            self._kill(proc, signal.SIGTERM if withdraw else signal.SIGKILL)
+        if conn is not None:
+            pid = conn.bridge_pid
+            conn.close()
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads.clear()
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()
+
+    def set_peers(self, peers: Iterable[PeerSpec]) -> None:
+        """The complete set of sessions. Unchanged sessions stay up; removed peers' routes leave the RIB."""
+        changed = False
+        with self._lock:
+            new = {p.address: p for p in peers if p.ok}
+            self._invalid = [p for p in peers if not p.ok]
+            for address in set(self._peers) - set(new):
+                self._rib.drop_peer(address)
+                for table in (self._sessions, self._sent, self._unsure, self._router_ids, self._peer_gr):
+                    table.pop(address, None)
+                self._eor_pending.discard(address)
+                changed = True
+            for address, spec in new.items():
+                if self._peers.get(address) != spec:
+                    self._sessions[address] = _Session(md5_baseline=self._md5_failures())
+            self._peers = new
+            if self._write_config():
+                self._reload_pending = True
+            self._kick()
+        if changed:
+            self._changed()
+
+    def announce(self, prefixes: Iterable[str]) -> None:
+        """The complete set of this node's own prefixes; the speaker announces and withdraws the difference."""
+        with self._lock:
+            self._own = frozenset(prefixes)
+            self._kick()
+
+    def best_routes(self) -> dict[str, LearnedRoute]:
+        """One best path per prefix learned from peers (stale ones flagged), without this node's own prefixes."""
+        with self._lock:
+            return {p: r for p, r in self._rib.best().items() if p not in self._own}
+
+    def peer_status(self) -> list[PeerState]:
+        with self._lock:
+            md5 = self._md5_failures()
+            out: list[PeerState] = []
+            for address, spec in sorted(self._peers.items()):
+                s = self._sessions.setdefault(address, _Session())
+                info = s.info
+                if s.state != ESTABLISHED and md5 > s.md5_baseline:
+                    info = (
+                        f"TCP-MD5 authentication failing: {md5 - s.md5_baseline} segment(s) with a bad or missing "
+                        "signature" + (f"; {info}" if info else "")
+                    )
+                out.append(
+                    PeerState(
+                        address=address,
+                        kind=spec.kind,
+                        name=spec.name,
+                        state=s.state,
+                        since=s.since,
+                        info=info,
+                        as_number=spec.as_number,
+                        prefixes_received=self._rib.count(address),
+                        prefixes_sent=len(self._sent.get(address, {})),
+                    )
+                )
+            for spec in self._invalid:
+                out.append(
+                    PeerState(spec.address, spec.kind, spec.name, "Invalid", "", spec.error or "", spec.as_number)
+                )
+            return out
+
+    def sent_routes(self) -> dict[str, dict[str, OutRoute]]:
+        """What ExaBGP has been told to announce, per peer (for status and tests)."""
+        with self._lock:
+            return {a: dict(r) for a, r in self._sent.items()}
+
+    @property
+    def exabgp_pid(self) -> int | None:
+        with self._lock:
+            return None if self._proc is None or self._proc.poll() is not None else self._proc.pid
+
+    @property
+    def bridge_pid(self) -> int | None:
+        with self._lock:
+            return None if self._conn is None else self._conn.bridge_pid
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    # ---- ExaBGP supervision ----------------------------------------------------------------------------------
+
+    def _write_config(self) -> bool:
+        bridge = exabgp_conf.bridge_command(self.config.python, self.sock_path)
+        text = exabgp_conf.render(self.identity, self._peers.values(), bridge)
+        if text == self._config_text:
+            return False
+        tmp = self.conf_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold MD5 passwords
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, self.conf_path)
+        self._config_text = text
+        return True
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "exabgp_daemon_user": "root",  # else it drops to nobody and cannot run the venv's bridge
+                "exabgp_daemon_drop": "false",
+                "exabgp_daemon_daemonize": "false",
+                "exabgp_tcp_bind": self.identity.local_address,  # it only listens when bind is set
+                "exabgp_tcp_port": str(self.config.port),
+                "exabgp_api_ack": "true",
+                "exabgp_api_respawn": "true",
+                "exabgp_api_cli": "false",
+                "exabgp_api_encoder": "json",
+                "exabgp_log_destination": "stdout",
+                "exabgp_log_level": self.config.log_level,
+            }
+        )
+        return env
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [self.config.exabgp, "server", str(self.conf_path)]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        with open(self.log_path, "ab") as logfile:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
+            )
+
+    def _kill(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def _supervise(self) -> None:
+        backoff = self.config.backoff_initial
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                self._write_config()
+                self._reload_pending = False  # a fresh process reads the current file
+                proc = self._spawn()
+                self._proc = proc
+                self._generation += 1
+            started = time.monotonic()
+            code = proc.wait()
+            with self._lock:
+                if not self._running:
+                    return
+                self._restarts += 1
+                log.warning("ExaBGP for %s exited with %s; restarting in %.1fs", self.identity.node, code, backoff)
+                self._exabgp_lost(f"speaker restarting (ExaBGP exited with code {code})")
+            self._changed()
+            if time.monotonic() - started > 30:
+                backoff = self.config.backoff_initial
+            if self._stop_event.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    def _exabgp_lost(self, why: str) -> None:
+        """ExaBGP died: it forgot everything we told it; we keep learned routes for the graceful-restart time."""
+        self._sent.clear()
+        self._unsure.clear()
+        self._eor_pending.clear()
+        now = time.monotonic()
+        for address, spec in self._peers.items():
+            s = self._sessions.setdefault(address, _Session())
+            s.set("Idle", why)
+            self._hold_or_drop(address, spec.graceful_restart_time, now)
+
+    def _hold_or_drop(self, address: str, restart_time: int | None, now: float) -> None:
+        if restart_time and self._rib.count(address):
+            self._rib.mark_stale(address)
+            self._sessions[address].stale_until = now + restart_time
+        else:
+            self._rib.drop_peer(address)
+            self._sessions[address].stale_until = None
+
+    # ---- the bridge ------------------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._server is not None
+        while self._running:
+            try:
+                sock, _ = self._server.accept()
+            except OSError:
+                return
+            conn = _Conn(sock)
+            with self._lock:
+                old, self._conn = self._conn, conn
+            if old is not None:
+                old.close()
+            threading.Thread(target=self._read, args=(conn,), name="bgp-bridge-reader", daemon=True).start()
+
+    def _read(self, conn: _Conn) -> None:
+        buf = b""
+        try:
+            while True:
+                try:
+                    chunk = conn.sock.recv(262144)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+                lines = buf.split(b"\n")
+                buf = lines.pop()
+                notify = False
+                for raw in lines:
+                    notify |= self._line(conn, raw.decode(errors="replace"))
+                if notify:
+                    self._changed()
+        finally:
+            conn.acks.put(None)
+            with self._lock:
+                if self._conn is conn:
+                    self._conn = None
+                    self._kick()
+
+    def _line(self, conn: _Conn, line: str) -> bool:
+        kind, _, rest = line.partition(" ")
+        if kind == "ack":
+            ok = rest.startswith("done")
+            conn.acks.put((ok, rest, conn.text))
+            conn.text = []
+            return False
+        if kind == "text":
+            conn.text.append(rest)
+            return False
+        if kind == "hello":
+            with self._lock:
+                conn.bridge_pid = int(rest) if rest.isdigit() else None
+                self._bridge_connected()
+                self._kick()
+            return True
+        if kind == "event":
+            event = events.parse(rest)
+            if event is not None:
+                with self._lock:
+                    return self._event(event)
+        return False
+
+    def _bridge_connected(self) -> None:
+        if self._bridge_generation == self._generation:
+            # Only the bridge restarted: events may have been lost with it. Re-send everything, ask established
+            # peers to re-send theirs, and drop what they do not confirm within the grace period.
+            log.warning("bridge for %s reconnected; resynchronising", self.identity.node)
+            now = time.monotonic()
+            for address, routes in self._sent.items():
+                self._unsure.setdefault(address, set()).update(routes)
+            self._sent.clear()
+            for address, s in self._sessions.items():
+                if s.state == ESTABLISHED:
+                    self._refresh_pending.add(address)
+                    if self._rib.count(address):
+                        self._rib.mark_stale(address)
+                        s.stale_until = now + REFRESH_GRACE
+            self._reload_pending = True  # and learn the sessions' states again (show neighbor)
+        self._bridge_generation = self._generation
+
+    def _event(self, event: events.Event) -> bool:
+        spec = self._peers.get(event.peer)
+        if spec is None:
+            return False
+        s = self._sessions.setdefault(event.peer, _Session())
+        now = time.monotonic()
+        if isinstance(event, events.StateEvent):
+            if event.state == "up":
+                s.set(ESTABLISHED)
+                self._eor_pending.add(event.peer)
+            elif event.state == "connected":
+                s.set("OpenSent")
+            elif event.state == "down":
+                s.set("Active" if not spec.passive else "Idle", event.reason or s.info)
+                if self._rib.count(event.peer):
+                    self._hold_or_drop(event.peer, self._peer_gr.get(event.peer), now)
+            self._kick()
+            return True
+        if isinstance(event, events.OpenEvent):
+            self._router_ids[event.peer] = event.router_id
+            self._peer_gr[event.peer] = event.graceful_restart_time
+            return False
+        if isinstance(event, events.NotificationEvent):
+            who = "peer sent" if event.direction == "receive" else "we sent"
+            s.info = f"{who} NOTIFICATION: {event.message}"
+            return True
+        if event.eor:
+            self._rib.sweep_stale(event.peer)
+            s.stale_until = None
+        else:
+            ok = [
+                r for r in event.announced if accepts(self.identity, spec, r) and r.next_hop != self.identity.router_id
+            ]
+            refused = [r.prefix for r in event.announced if r not in ok]
+            self._rib.update(event.peer, ok, [*event.withdrawn, *refused])
+        if self.identity.cluster_id is not None:
+            self._kick()  # reflect
+        return self._best_changed()
+
+    def _kick(self) -> None:
+        """Wake the worker (hold the lock)."""
+        self._dirty = True
+        self._wake.notify_all()
+
+    def _md5_failures(self) -> int:
+        """TCP-MD5 segments the kernel dropped in ExaBGP's namespace (bad or missing signature, or unexpected)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return 0
+        try:
+            lines = Path(f"/proc/{proc.pid}/net/netstat").read_text().splitlines()
+        except OSError:
+            return 0
+        for head, values in zip(lines[::2], lines[1::2], strict=False):
+            if head.startswith("TcpExt:"):
+                table = dict(zip(head.split()[1:], values.split()[1:], strict=False))
+                return sum(int(table.get(k, 0)) for k in ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected"))
+        return 0
+
+    def _best_changed(self) -> bool:
+        best = self._rib.best()
+        if best == self._last_best:
+            return False
+        self._last_best = best
+        return True
+
+    def _changed(self) -> None:
+        for cb in list(self._callbacks):
+            try:
+                cb()
+            except Exception:
+                log.exception("BGP on_change callback failed")
+
+    # ---- the worker: commands and timers ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                conn = self._conn
+                if conn is None or conn.bridge_pid is None or self._bridge_generation != self._generation:
+                    self._wake.wait(timeout=0.5)
+                    continue
+                self._dirty = False
+            try:
+                idle = self._step(conn)
+            except BridgeLost:
+                with self._lock:
+                    if self._conn is conn:
+                        self._conn = None
+                continue
+            except Exception:
+                log.exception("BGP speaker worker step failed")
+                idle = 1.0
+            with self._lock:
+                if self._running and idle > 0 and not self._dirty:
+                    self._wake.wait(timeout=idle)
+
+    def _step(self, conn: _Conn) -> float:
+        """One round: reload if the peers changed, sync announcements, send End-of-RIBs and refreshes, expire
+        stale routes. Returns how long to sleep (0: there may be more to do)."""
+        with self._lock:
+            reload = self._reload_pending
+            self._reload_pending = False
+        if reload:
+            self._reload(conn)
+        with self._lock:
+            desired = outbound(self.identity, self._peers.values(), self._own, self._rib, self._router_ids)
+            plan = _diff(desired, self._sent, self._unsure)
+        for line, updates in plan:
+            ok, _ = conn.call(line)
+            with self._lock:
+                for address, prefix, route in updates:
+                    if address not in self._peers:
+                        continue
+                    if ok:
+                        self._unsure.get(address, set()).discard(prefix)
+                        table = self._sent.setdefault(address, {})
+                        if route is None:
+                            table.pop(prefix, None)
+                        else:
+                            table[prefix] = route
+        with self._lock:
+            eors = sorted(a for a in self._eor_pending if self._sessions.get(a, _Session()).state == ESTABLISHED)
+            self._eor_pending.clear()
+            refresh = sorted(self._refresh_pending)
+            self._refresh_pending.clear()
+        for address in eors:
+            conn.call(commands.eor(address))
+        for address in refresh:
+            conn.call(commands.route_refresh(address))
+        changed = False
+        next_deadline: float | None = None
+        with self._lock:
+            now = time.monotonic()
+            for address, s in self._sessions.items():
+                if s.stale_until is None:
+                    continue
+                if now >= s.stale_until:
+                    self._rib.sweep_stale(address)
+                    s.stale_until = None
+                    changed = True
+                else:
+                    next_deadline = min(next_deadline or s.stale_until, s.stale_until)
+            if changed:
+                changed = self._best_changed()
+                self._dirty = True  # reflect what changed
+            more = bool(plan or self._reload_pending or self._eor_pending or self._refresh_pending)
+        if changed:
+            self._changed()
+        if more:
+            return 0.0
+        if next_deadline is not None:
+            return max(0.01, min(1.0, next_deadline - time.monotonic()))
+        return 1.0
+
+    def _reload(self, conn: _Conn) -> None:
+        """Have ExaBGP re-read its configuration, then wait until its sessions match it (the reload runs
+        asynchronously after the ack), and take the sessions' states from it."""
+        conn.call(commands.RELOAD)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while time.monotonic() < deadline:
+            ok, text = conn.call(commands.SHOW_NEIGHBORS)
+            seen = _parse_neighbors(text) if ok else None
+            with self._lock:
+                wanted = set(self._peers)
+                if seen is not None and set(seen) == wanted:
+                    for address, up in seen.items():
+                        s = self._sessions.setdefault(address, _Session())
+                        if up and s.state != ESTABLISHED:
+                            s.set(ESTABLISHED)
+                        elif not up and s.state == ESTABLISHED:
+                            s.set("Active")
+                    return
+            time.sleep(0.02)
+        log.warning("ExaBGP for %s did not load its new configuration in %ss", self.identity.node, RELOAD_TIMEOUT)
+
+
+def _parse_neighbors(text: Sequence[str]) -> dict[str, bool] | None:
+    import json
+
+    try:
+        doc = json.loads("\n".join(text))
+        return {str(n["peer"]["address"]): n.get("state") == "up" for n in doc}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+Update = tuple[str, str, OutRoute | None]
+
+
+def _diff(
+    desired: dict[str, dict[str, OutRoute]],
+    sent: dict[str, dict[str, OutRoute]],
+    unsure: dict[str, set[str]],
+) -> list[tuple[str, list[Update]]]:
+    """Commands that take ExaBGP from ``sent`` to ``desired``, one per distinct route (to all the peers that need
+    it) and one per withdrawn prefix."""
+    announces: dict[OutRoute, list[str]] = {}
+    withdraws: dict[str, list[str]] = {}
+    for address, routes in desired.items():
+        have = sent.get(address, {})
+        for prefix, route in routes.items():
+            if have.get(prefix) != route:
+                announces.setdefault(route, []).append(address)
+        maybe = set(have) | unsure.get(address, set())
+        for prefix in maybe - set(routes):
+            withdraws.setdefault(prefix, []).append(address)
+    out: list[tuple[str, list[Update]]] = []
+    for prefix, addresses in sorted(withdraws.items()):
+        out.append((commands.withdraw(sorted(addresses), prefix), [(a, prefix, None) for a in addresses]))
+    for route, addresses in sorted(announces.items(), key=lambda kv: (kv[0].prefix, kv[1])):
+        out.append((commands.announce(sorted(addresses), route), [(a, route.prefix, route) for a in addresses]))
+    return out
