@@ -1,0 +1,38 @@
+"""The pure NetworkPolicy compiler: Snapshot → DataplaneState (ipsets, filter chains, kernel jumps) for one node,
+plus a status per policy. No I/O, no clock: the same snapshot always gives the same state.
+
+    spec.py      parse + validate a NetworkPolicy spec (v1; v1beta1 is the same spec)
+    selector.py  label selectors
+    world.py     pods / namespaces / nodes as policy sees them, indexed
+    resolve.py   policies → rules over ipsets (node independent); invalid policies fail closed
+    chains.py    → chains, dispatch tree and jumps for one node's endpoints
+    explain.py   allowed or denied and why, over the same compiled rules and sets
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.calc.policy.chains import build_state
+from agent.calc.policy.resolve import Compiled, PolicyStatus, compile_policies
+from agent.calc.snapshot import Snapshot
+from agent.calc.state import DataplaneState
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    state: DataplaneState
+    statuses: dict[tuple[str, str], PolicyStatus]
+    compiled: Compiled
+
+    @property
+    def rejected(self) -> list[PolicyStatus]:
+        return [s for _, s in sorted(self.statuses.items()) if not s.accepted]
+
+
+def compile_node(snap: Snapshot, node: str) -> PolicyResult:
+    compiled = compile_policies(snap)
+    return PolicyResult(build_state(compiled, snap, node), dict(compiled.statuses), compiled)
+
+
+__all__ = ["Compiled", "PolicyResult", "PolicyStatus", "compile_node", "compile_policies"]
