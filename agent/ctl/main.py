@@ -8,7 +8,6 @@ import click
 
 from agent.ctl import bgp as bgp_cmds
 from agent.ctl.context import CtlContext, default_node
-from agent.ctl.ipam import ipam_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +28,7 @@ def cli(ctx: click.Context, etcd_endpoints: str, node: str | None) -> None:
 
 
 # Command groups, one module per topic (agent/ctl/<topic>.py), registered here.
-COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes, ipam_group]
+COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes]
 for command in COMMANDS:
     cli.add_command(command)
 
