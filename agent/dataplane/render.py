@@ -251,10 +251,6 @@ def temp_name(name: str) -> str:
     return "podnet-t-" + hashlib.sha256(name.encode()).hexdigest()[: MAX_SET_NAME - len("podnet-t-")]
 
 
-def _dimensions(set_type: str) -> int:
-    return set_type.count(",") + 1
-
-
 @dataclass(frozen=True)
 class IpsetPlan:
     text: str  # `ipset restore -exist` input for creates, adds, deletes and rebuilds; "" when nothing to do
@@ -281,7 +277,8 @@ def plan_ipsets(desired: Mapping[str, IpSet], current: Mapping[str, KernelSet], 
             lines += [f"add {name} {m}" for m in sorted(members - have.members)]
         else:
             # Rebuild beside the live set and swap, so rules referencing it never see a missing or half-filled set.
-            if _dimensions(have.type) != _dimensions(ips.type) or have.family != ips.family:
+            # The kernel swaps only sets of one type and family, and cannot rename or destroy a referenced set.
+            if have.type != ips.type or have.family != ips.family:
                 raise RenderError(
                     f"ipset {name} cannot change from {have.type} ({have.family}) to {ips.type} ({ips.family}) in "
                     "place; the compiler must give the new set a new name"

@@ -189,26 +189,23 @@ def test_ipset_first_sync_and_deltas() -> None:
     assert plan_ipsets(desired, current, delete_stale=True).destroy_text == "destroy podnet-stale\n"
 
 
-def test_ipset_type_change_and_growth_rebuild_with_swap() -> None:
-    current = {"podnet-s-a": KernelSet("podnet-s-a", "hash:ip", "inet", 65536, frozenset({"10.0.0.1"}))}
-    desired = {"podnet-s-a": IpSet("podnet-s-a", "hash:net", frozenset({"10.0.0.0/24"}))}
+def test_ipset_growth_rebuilds_with_swap_and_type_change_is_refused() -> None:
+    current = {"podnet-s-a": KernelSet("podnet-s-a", "hash:ip", "inet", 4, frozenset({"10.0.0.1"}))}
+    desired = {"podnet-s-a": IpSet("podnet-s-a", "hash:ip", frozenset(f"10.0.0.{i}" for i in range(1, 6)))}
     p = plan_ipsets(desired, current, delete_stale=False)
     tmp = temp_name("podnet-s-a")
     assert len(tmp) <= 31 and tmp.startswith("podnet-")
     assert p.rebuilt == ("podnet-s-a",)
+    adds = "".join(f"add {tmp} 10.0.0.{i}\n" for i in range(1, 6))
     assert p.text == (
-        f"create {tmp} hash:net family inet maxelem 65536\nflush {tmp}\nadd {tmp} 10.0.0.0/24\n"
-        f"swap {tmp} podnet-s-a\ndestroy {tmp}\n"
+        f"create {tmp} hash:ip family inet maxelem 65536\nflush {tmp}\n{adds}swap {tmp} podnet-s-a\ndestroy {tmp}\n"
     )
-    big = {
-        "podnet-s-a": IpSet(
-            "podnet-s-a", "hash:ip", frozenset(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(70000))
-        )
-    }
+    big = {"podnet-s-a": IpSet("podnet-s-a", "hash:ip", frozenset(f"10.1.{i >> 8}.{i & 255}" for i in range(70000)))}
     p = plan_ipsets(big, current, delete_stale=False)
     assert p.rebuilt == ("podnet-s-a",) and "maxelem 262144" in p.text
-    with pytest.raises(RenderError, match="new name"):
-        plan_ipsets({"podnet-s-a": IpSet("podnet-s-a", "hash:ip,port", frozenset())}, current, delete_stale=False)
+    for other in ("hash:net", "hash:ip,port"):
+        with pytest.raises(RenderError, match="new name"):
+            plan_ipsets({"podnet-s-a": IpSet("podnet-s-a", other, frozenset())}, current, delete_stale=False)
 
 
 def test_ipset_save_round_trip_normalises_members() -> None:

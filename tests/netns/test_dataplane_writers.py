@@ -1,0 +1,302 @@
+"""The policy dataplane writers against the real kernel (legacy and nft iptables, ipset), inside test namespaces:
+packets pass or drop as the state says, only changes are written, foreign rules are never touched, drift is
+repaired, nothing is written before the datastore is in sync, stale objects go only after the first full sync."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
+from agent.dataplane.backend import Backend, detect
+from agent.dataplane.cmd import Runner
+from agent.dataplane.policy_syncer import Desired, PolicySyncer
+from agent.dataplane.programmer import PolicyDataplane
+from agent.dataplane.render import RenderError
+from testbed.netns import NetnsBed, Node, Pod
+from testbed.wait import eventually
+
+pytestmark = pytest.mark.netns
+BACKENDS = ["legacy", "nft"]
+PORT = 8080
+
+
+@dataclass
+class Bed:
+    node: Node
+    a: Pod
+    b: Pod  # isolated: only what is in podnet-s-allow-b may reach it
+    c: Pod  # allowed to reach b
+
+    def reach(self, src: Pod) -> bool:
+        return src.ns.connect("tcp", self.b.ip, PORT, timeout=0.3)
+
+
+def make_bed(bed: NetnsBed) -> Bed:
+    ul = bed.underlay()
+    node = bed.node("n1", ul, 11)
+    a = bed.pod(node, "default", "a", "10.244.0.2")
+    b = bed.pod(node, "default", "b", "10.244.0.3")
+    c = bed.pod(node, "default", "c", "10.244.0.4")
+    b.ns.listen("tcp", PORT)
+    return Bed(node, a, b, c)
+
+
+def isolate_b(bed: Bed, allowed: set[str], set_type: str = "hash:ip") -> DataplaneState:
+    """A hand-built state shaped like the compiler's: dispatch by interface, allow-set, default drop."""
+    chains = {
+        "podnet-FORWARD": Chain(
+            "podnet-FORWARD",
+            (
+                "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                "-m conntrack --ctstate INVALID -j DROP",
+                f"-o {bed.b.host_iface} -j podnet-to-b",
+            ),
+        ),
+        "podnet-to-b": Chain("podnet-to-b", ("-m set --match-set podnet-s-allow-b src -j ACCEPT", "-j DROP")),
+        "podnet-INPUT": Chain("podnet-INPUT", ("-i cali+ -p tcp --dport 9 -j DROP",)),
+        "podnet-OUTPUT": Chain("podnet-OUTPUT", ()),
+    }
+    return DataplaneState(
+        ipsets={"podnet-s-allow-b": IpSet("podnet-s-allow-b", set_type, frozenset(allowed))},
+        tables={"filter": chains},
+        jumps=tuple(
+            KernelJump("filter", c, f"-m comment --comment podnet -j podnet-{c}")
+            for c in ("FORWARD", "INPUT", "OUTPUT")
+        ),
+    )
+
+
+def save(node: Node, backend: str) -> str:
+    return node.ns.run(f"iptables-{backend}-save").stdout
+
+
+def ipsets(node: Node) -> str:
+    return node.ns.run("ipset", "save").stdout
+
+
+def body(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def foreign_lines(text: str) -> list[str]:
+    """iptables-save minus comments, counters and our own lines."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#") or "podnet" in line:
+            continue
+        out.append(re.sub(r"\[\d+:\d+\]", "[0:0]", line))
+    return out
+
+
+def chain_rules(text: str, chain: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"-A {chain} ")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_is_enforced_and_updated_incrementally(netns_bed: NetnsBed, backend: str) -> None:
+    bed = make_bed(netns_bed)
+    assert bed.reach(bed.a) and bed.reach(bed.c)
+    runner = Runner(bed.node.ns.name)
+    # A set left by an earlier run, too small for what is coming: adopted now, rebuilt when it must grow.
+    runner.run(["ipset", "create", "podnet-s-allow-b", "hash:ip", "maxelem", "4"])
+    dp = PolicyDataplane(runner, Backend(backend))
+
+    first = dp.apply(isolate_b(bed, {bed.c.ip}))
+    assert first.full and len(first.chains_written) == 4 and len(first.jumps_fixed) == 3
+    assert first.sets_rebuilt == []
+    assert not bed.reach(bed.a)
+    assert bed.reach(bed.c)
+    assert "-A FORWARD -m comment --comment podnet -j podnet-FORWARD" in save(bed.node, backend)
+
+    # One member more: an ipset delta only, no iptables write, no kernel read-back.
+    second = dp.apply(isolate_b(bed, {bed.c.ip, bed.a.ip}))
+    assert not second.full and second.chains_written == [] and second.sets_changed == 1
+    assert bed.reach(bed.a)
+
+    # Beyond maxelem: rebuilt beside the live set and swapped in; the rule referencing it keeps working.
+    grown = {bed.a.ip, bed.c.ip, "10.244.9.1", "10.244.9.2", "10.244.9.3"}
+    third = dp.apply(isolate_b(bed, grown))
+    assert third.sets_rebuilt == ["podnet-s-allow-b"] and third.chains_written == []
+    assert "create podnet-s-allow-b hash:ip family inet hashsize 1024 maxelem 65536" in ipsets(bed.node)
+    assert "podnet-t-" not in ipsets(bed.node)
+    assert bed.reach(bed.a) and bed.reach(bed.c)
+
+    # Nothing changed: nothing written.
+    assert not dp.apply(isolate_b(bed, grown)).wrote
+
+    # A type change under the same name cannot be done to a referenced set: a clear error, and nothing lost.
+    kernel_before = (save(bed.node, backend), ipsets(bed.node))
+    with pytest.raises(RenderError, match="podnet-s-allow-b"):
+        dp.apply(isolate_b(bed, {"10.244.0.0/24"}, "hash:net"))
+    assert (save(bed.node, backend), ipsets(bed.node)) == kernel_before
+    assert bed.reach(bed.a)
+
+    dp.remove_all()
+    assert "podnet" not in save(bed.node, backend)
+    assert "podnet" not in ipsets(bed.node)
+    assert bed.reach(bed.a) and bed.reach(bed.c)
+
+
+FOREIGN = """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -p tcp -m comment --comment "default/kubernetes:https" -m tcp -j DNAT --to-destination 192.168.77.11:6443
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER-USER - [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A FORWARD -j DOCKER-USER
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A OUTPUT -j KUBE-FIREWALL
+-A DOCKER-USER -j RETURN
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
+COMMIT
+"""  # noqa: E501
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_foreign_rules_are_byte_identical_through_sync_restart_and_cleanup(netns_bed: NetnsBed, backend: str) -> None:
+    bed = make_bed(netns_bed)
+    runner = Runner(bed.node.ns.name)
+    runner.run([f"iptables-{backend}-restore"], stdin=FOREIGN)
+    before = save(bed.node, backend)
+    assert "KUBE-FORWARD" in before and "podnet" not in before
+    expected = foreign_lines(before)
+
+    dp = PolicyDataplane(runner, Backend(backend))
+    dp.apply(isolate_b(bed, {bed.c.ip}))
+    after_sync = save(bed.node, backend)
+    assert foreign_lines(after_sync) == expected
+    # Ours is first in each built-in chain, theirs follow in their order.
+    assert chain_rules(after_sync, "FORWARD")[0] == "-A FORWARD -m comment --comment podnet -j podnet-FORWARD"
+    assert not bed.reach(bed.a) and bed.reach(bed.c)
+
+    # Restart: a fresh writer adopts what is there, writes nothing, and deletes nothing foreign even in cleanup mode.
+    restarted = PolicyDataplane(runner, Backend(backend))
+    result = restarted.apply(isolate_b(bed, {bed.c.ip}), delete_stale=True)
+    assert result.full and not result.wrote
+    assert save(bed.node, backend).count("-j podnet-FORWARD") == 1
+    assert foreign_lines(save(bed.node, backend)) == expected
+
+    # An update, then uninstall.
+    restarted.apply(isolate_b(bed, {bed.a.ip}), delete_stale=True)
+    assert foreign_lines(save(bed.node, backend)) == expected
+    restarted.remove_all()
+    final = save(bed.node, backend)
+    assert "podnet" not in final
+    assert foreign_lines(final) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_periodic_resync_repairs_drift(netns_bed: NetnsBed, backend: str) -> None:
+    bed = make_bed(netns_bed)
+    runner = Runner(bed.node.ns.name)
+    state = isolate_b(bed, {bed.c.ip})
+    syncer = PolicySyncer(PolicyDataplane(runner, Backend(backend)), lambda: Desired(1, state), resync_interval=0.3)
+    syncer.start()
+    try:
+        assert eventually(lambda: syncer.syncs >= 1, timeout=10)
+        assert not bed.reach(bed.a)
+        good = save(bed.node, backend)
+
+        # Someone deletes our chain by hand (after unhooking it) and removes a set member. (The broken state is not
+        # asserted: the resync may already have repaired it.)
+        runner.run(
+            [f"iptables-{backend}-restore", "--noflush"],
+            stdin="*filter\n-F podnet-FORWARD\n-F podnet-to-b\n-X podnet-to-b\nCOMMIT\n",
+        )
+        assert "podnet-to-b" not in save(bed.node, backend) or syncer.syncs > 1
+        runner.run(["ipset", "del", "podnet-s-allow-b", bed.c.ip])
+        assert eventually(lambda: "-A podnet-to-b" in save(bed.node, backend), timeout=5)
+        assert not bed.reach(bed.a)
+        assert bed.reach(bed.c)
+        assert foreign_lines(save(bed.node, backend)) == foreign_lines(good)
+
+        # Someone inserts a rule above our jump: ours goes back to the top, theirs stays, second.
+        runner.run(
+            [f"iptables-{backend}", "-I", "FORWARD", "1", "-m", "comment", "--comment", "intruder", "-j", "ACCEPT"]
+        )
+
+        def ours_first() -> bool:
+            rules = chain_rules(save(bed.node, backend), "FORWARD")
+            assert len(rules) == 2
+            return rules[0].endswith("-j podnet-FORWARD") and "intruder" in rules[1]
+
+        assert eventually(ours_first, timeout=5)
+        assert len(chain_rules(save(bed.node, backend), "FORWARD")) == 2
+        assert not bed.reach(bed.a)
+        assert syncer.last_error is None
+    finally:
+        syncer.stop()
+        PolicyDataplane(runner, Backend(backend)).remove_all()
+
+
+def test_nothing_written_before_in_sync_and_stale_removed_after_first_full_sync(netns_bed: NetnsBed) -> None:
+    bed = make_bed(netns_bed)
+    runner = Runner(bed.node.ns.name)
+    # What an older podnet left behind: a chain hooked into INPUT, and a set.
+    runner.run(
+        ["iptables-nft-restore", "--noflush"],
+        stdin="*filter\n:podnet-old - [0:0]\n-A podnet-old -j RETURN\n-I INPUT 1 -j podnet-old\nCOMMIT\n",
+    )
+    runner.run(["ipset", "create", "podnet-s-old", "hash:ip"])
+    before = body(save(bed.node, "nft"))
+
+    in_sync = threading.Event()
+    state = isolate_b(bed, {bed.c.ip})
+    syncer = PolicySyncer(
+        PolicyDataplane(runner, Backend("nft")),
+        lambda: Desired(7, state) if in_sync.is_set() else None,
+        resync_interval=60,
+    )
+    syncer.start()
+    try:
+        syncer.mark_dirty()
+        assert not eventually(lambda: syncer.syncs > 0, timeout=1.0)
+        assert body(save(bed.node, "nft")) == before  # not a rule written, not a stale one removed
+        assert bed.reach(bed.a)
+        in_sync.set()
+        syncer.mark_dirty()
+        assert eventually(lambda: syncer.syncs == 1, timeout=10)
+        after = save(bed.node, "nft")
+        assert "podnet-old" not in after and "podnet-to-b" in after
+        assert "podnet-s-old" not in ipsets(bed.node)
+        assert not bed.reach(bed.a) and bed.reach(bed.c)
+    finally:
+        syncer.stop()
+        PolicyDataplane(runner, Backend("nft")).remove_all()
+
+
+def test_backend_detection_follows_the_rules_already_there(netns_bed: NetnsBed) -> None:
+    ul = netns_bed.underlay()
+    node = netns_bed.node("n1", ul, 11)
+    runner = Runner(node.ns.name)
+    assert detect(runner, "auto").name == "nft"  # a fresh node
+    runner.run(["iptables-legacy", "-A", "FORWARD", "-j", "ACCEPT"])
+    assert detect(runner, "auto").name == "legacy"
+    runner.run(["iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
+    assert detect(runner, "auto").name == "nft"  # kubelet says so
+    assert detect(runner, "legacy").name == "legacy"
+    with pytest.raises(ValueError, match="backend"):
+        detect(runner, "ebtables")
