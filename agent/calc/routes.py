@@ -136,7 +136,12 @@ def plan_routes(snap: Snapshot, node_name: str, learned: Iterable[LearnedRoute])
     peers: dict[str, VxlanPeer] = {}
     pools = list(snap.pools.values())
 
-    local_blocks = [b.cidr for b in snap.blocks.values() if b.affine_node == node_name]
+    # The same set the speaker announces (bgp.plan.plan_announcements): by the block's affinity, or a confirmed
+    # affinity record whose block is not written yet.
+    local_blocks = sorted(
+        {b.cidr for b in snap.blocks.values() if b.affine_node == node_name}
+        | {cidr for (n, cidr), a in snap.affinities.items() if n == node_name and a.state == "confirmed"}
+    )
     for cidr in local_blocks:
         routes[cidr] = Route(cidr=cidr, type="local-block", blackhole=True)
     for ep in snap.local_endpoints(node_name):

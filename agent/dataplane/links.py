@@ -45,12 +45,15 @@ class LinkWriter:
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
 
-    def apply(self, plan: RoutePlan, in_sync: bool) -> LinkResult:
+    def apply(self, plan: RoutePlan, in_sync: bool, learned_in_sync: bool | None = None) -> LinkResult:
+        """``in_sync``: the datastore is (an unneeded device may go); ``learned_in_sync`` (default ``in_sync``): BGP
+        is, so FDB and neighbour entries of VTEPs no route uses any more may go."""
         result = LinkResult()
+        learned_ok = in_sync if learned_in_sync is None else learned_in_sync
         try:
             if plan.vxlan is not None:
                 self.ensure_vxlan(plan.vxlan)
-                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync)
+                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync and learned_ok)
             elif in_sync:
                 self.remove_vxlan()
         except (NetlinkError, LookupError) as exc:

@@ -82,7 +82,10 @@ class RouteWriter:
                     out[kr.cidr] = kr
         return out
 
-    def apply(self, routes: Mapping[str, Route], in_sync: bool) -> RouteResult:
+    def apply(self, routes: Mapping[str, Route], in_sync: bool, learned_in_sync: bool | None = None) -> RouteResult:
+        """Program ``routes``. ``in_sync``: the datastore is (stale local routes may go: blackholes, pod routes);
+        ``learned_in_sync`` (default: ``in_sync``): BGP has delivered what peers have, so a remote route missing
+        from the plan really was withdrawn (after a restart the RIB starts empty; the kernel keeps forwarding)."""
         result = RouteResult()
         have = self.dump()
         names = self.nl.names()
@@ -109,13 +112,19 @@ class RouteWriter:
             dev = names.get(cur.oif) if cur is not None and cur.oif is not None else route.dev
             result.programmed[cidr] = Programmed(route, dev)
         if in_sync:
-            self._remove_stale(have, routes, names, result)
+            learned_ok = in_sync if learned_in_sync is None else learned_in_sync
+            self._remove_stale(have, routes, names, result, learned_ok)
         for cidr, why in result.failed.items():
             log.warning("route %s: %s", cidr, why)
         return result
 
     def _remove_stale(
-        self, have: dict[str, KernelRoute], routes: Mapping[str, Route], names: dict[int, str], result: RouteResult
+        self,
+        have: dict[str, KernelRoute],
+        routes: Mapping[str, Route],
+        names: dict[int, str],
+        result: RouteResult,
+        learned_ok: bool,
     ) -> None:
         now = self.clock()
         stale = {c: kr for c, kr in have.items() if kr.proto == ROUTE_PROTO and c not in routes}
@@ -124,6 +133,9 @@ class RouteWriter:
                 del self._stale_since[cidr]
         for cidr, kr in sorted(stale.items()):
             dev = names.get(kr.oif) if kr.oif is not None else None
+            local = kr.blackhole or (dev is not None and dev.startswith("cali"))
+            if not local and not learned_ok:
+                continue
             if dev is not None and dev.startswith("cali"):
                 first = self._stale_since.setdefault(cidr, now)
                 if now - first < self.pod_grace:

@@ -188,3 +188,12 @@ def test_status_records_what_was_planned() -> None:
     assert st == m.RouteStatus(
         "n1", "10.244.2.0/26", "remote-block", "10.244.0.65", VXLAN_DEVICE, "vxlan", "192.168.77.12"
     )
+
+
+def test_a_confirmed_affinity_makes_a_local_block_before_its_block_record_exists() -> None:
+    affs = {
+        ("n1", "10.244.5.0/26"): m.Affinity("n1", "10.244.5.0/26", "confirmed"),
+        ("n1", "10.244.6.0/26"): m.Affinity("n1", "10.244.6.0/26", "pending"),
+    }
+    plan = plan_routes(snap("none", affinities=affs), "n1", [])
+    assert sorted(c for c, r in plan.routes.items() if r.type == "local-block") == ["10.244.1.0/26", "10.244.5.0/26"]
