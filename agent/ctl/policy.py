@@ -1,0 +1,245 @@
+"""`agentctl policy explain|matrix|status`, `agentctl apply -f` and `agentctl get` (etcd datastore mode).
+
+Every answer comes from the same pure compiler the agent runs, over a snapshot read from etcd at one revision.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+
+from agent.calc.policy import compile_policies
+from agent.calc.policy.explain import DirectionResult, ExplainError, explain, matrix, parse_port, resolve_side
+from agent.calc.policy.resolve import Compiled
+from agent.calc.policy.selector import SelectorError, parse_selector
+from agent.calc.snapshot import Snapshot
+from agent.ctl.context import CtlContext, output_option, pass_ctl
+from agent.ctl.manifest import ManifestError, ident_of, kind_of, parse_manifests
+from agent.ctl.output import emit
+from datastore import codec
+from datastore import keys as k
+from datastore import model as m
+from datastore.errors import DatastoreError
+from datastore.etcd import EtcdClient
+from datastore.store import Store
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except (ExplainError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except DatastoreError as exc:
+        raise click.ClickException(f"datastore: {exc}") from None
+
+
+def load_snapshot(client: EtcdClient) -> Snapshot:
+    """Pods, namespaces, policies, endpoints and nodes, all read at one etcd revision."""
+    store = Store(client)
+    rev = client.revision()
+
+    def listed(prefix: str, cls: type[T]) -> list[T]:
+        return [v.value for v in store.list(prefix, cls, rev)]
+
+    return Snapshot(
+        revision=rev,
+        in_sync=True,
+        nodes={n.name: n for n in listed(k.NODES_PREFIX, m.Node)},
+        pods={(p.namespace, p.name): p for p in listed(k.PODS_PREFIX, m.Pod)},
+        namespaces={n.name: n for n in listed(k.NAMESPACES_PREFIX, m.Namespace)},
+        policies={(p.namespace, p.name): p for p in listed(k.POLICIES_PREFIX, m.Policy)},
+        endpoints={(e.node, e.namespace, e.pod, e.iface): e for e in listed(k.ENDPOINTS_PREFIX, m.Endpoint)},
+    )
+
+
+def _compiled(ctl: CtlContext) -> Compiled:
+    return compile_policies(load_snapshot(ctl.client))
+
+
+# --- agentctl policy ---------------------------------------------------------------------------------------------
+
+
+@click.group("policy")
+def policy_group() -> None:
+    """NetworkPolicy: explain a connection, the reachability matrix, rejected policies."""
+
+
+def _direction_line(d: DirectionResult | None, who: str) -> str:
+    if d is None:
+        return f"  {'':7} {who}: not a pod, not evaluated"
+    name = d.direction.lower()
+    if not d.isolated:
+        return f"  {name:7} {who}: not isolated (no policy selects it for {name})"
+    head = f"  {name:7} {who}: isolated by {', '.join(d.policies)}"
+    if d.matched:
+        return f"{head}; allowed by {', '.join(d.matched)}"
+    extra = f" (rejected, allowing nothing: {', '.join(d.rejected)})" if d.rejected else ""
+    return f"{head}; no rule allows it{extra}"
+
+
+@policy_group.command("explain")
+@click.option("--from", "src", required=True, help="NAMESPACE/POD or an IPv4 address.")
+@click.option("--to", "dst", required=True, help="NAMESPACE/POD or an IPv4 address.")
+@click.option("--port", required=True, help="PORT[/TCP|UDP|SCTP], e.g. 80/TCP.")
+@output_option
+@pass_ctl
+def explain_cmd(ctl: CtlContext, src: str, dst: str, port: str, output: str) -> None:
+    """Is a new connection FROM → TO on PORT allowed, and which policies and rules decide it."""
+    with _errors():
+        number, proto = parse_port(port)
+        c = _compiled(ctl)
+        v = explain(c, resolve_side(c, src), resolve_side(c, dst), proto, number)
+    if output == "json":
+        emit(v.to_json(), [], [], "json")
+        return
+    click.echo(f"{'ALLOWED' if v.allowed else 'DENIED'}: {v.src.text} -> {v.dst.text} {number}/{proto}")
+    if v.egress is None and v.ingress is None:
+        click.echo(f"  {v.reason}")
+        return
+    click.echo(_direction_line(v.egress, v.src.text) if v.egress else f"  egress  {v.src.text}: not a pod")
+    click.echo(_direction_line(v.ingress, v.dst.text) if v.ingress else f"  ingress {v.dst.text}: not a pod")
+
+
+@policy_group.command("matrix")
+@click.option("--port", default="80/TCP", show_default=True, help="PORT[/TCP|UDP|SCTP].")
+@click.option("-n", "--namespace", default=None, help="Only pods of this namespace.")
+@output_option
+@pass_ctl
+def matrix_cmd(ctl: CtlContext, port: str, namespace: str | None, output: str) -> None:
+    """Reachability between all pods on PORT: rows are sources, columns destinations."""
+    with _errors():
+        number, proto = parse_port(port)
+        mx = matrix(_compiled(ctl), proto, number, namespace)
+    names = [f"{ns}/{name}" for ns, name in mx.pods]
+    rows = [
+        [names[i], *("-" if s == d else ("yes" if mx.allowed[(s, d)] else "no") for d in mx.pods)]
+        for i, s in enumerate(mx.pods)
+    ]
+    emit(mx.to_json(), [f"FROM \\ TO ({number}/{proto})", *names], rows, output)
+
+
+@policy_group.command("status")
+@click.option("--all", "show_all", is_flag=True, help="List accepted policies too.")
+@output_option
+@pass_ctl
+def status_cmd(ctl: CtlContext, show_all: bool, output: str) -> None:
+    """Policies the compiler rejected, with the reason (they allow nothing for the pods they select)."""
+    with _errors():
+        statuses = sorted(_compiled(ctl).statuses.values(), key=lambda s: (s.namespace, s.name))
+    shown = [s for s in statuses if show_all or not s.accepted]
+    rows = [[s.namespace, s.name, "accepted" if s.accepted else "rejected", s.reason] for s in shown]
+    if output == "table" and not shown:
+        n = len(statuses)
+        click.echo(f"all {n} polic{'y' if n == 1 else 'ies'} accepted")
+        return
+    emit([s.to_json() for s in shown], ["NAMESPACE", "NAME", "STATUS", "REASON"], rows, output)
+
+
+# --- agentctl apply / get ----------------------------------------------------------------------------------------
+
+
+@click.command("apply")
+@click.option("-f", "--filename", "path", required=True, help="A YAML/JSON manifest file, or - for stdin.")
+@click.option("-n", "--namespace", default="default", show_default=True, help="For objects that name none.")
+@pass_ctl
+def apply_cmd(ctl: CtlContext, path: str, namespace: str) -> None:
+    """Write NetworkPolicies, Namespaces and Pods from Kubernetes manifests into the datastore. Every document is
+    checked first: an invalid one writes nothing."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+    except OSError as exc:
+        raise click.ClickException(f"{path}: {exc.strerror}") from None
+    with _errors():
+        objects = parse_manifests(text, namespace)
+        store = Store(ctl.client)
+        for obj in objects:
+            current = store.get(codec.key_of(obj), type(obj))
+            if current is not None and current.value == obj:
+                verb = "unchanged"
+            else:
+                store.put(obj)
+                verb = "created" if current is None else "configured"
+            click.echo(f"{kind_of(obj)} {ident_of(obj)} {verb}")
+
+
+RESOURCES = {
+    "policies": "policies",
+    "policy": "policies",
+    "networkpolicies": "policies",
+    "networkpolicy": "policies",
+    "netpol": "policies",
+    "pods": "pods",
+    "pod": "pods",
+    "po": "pods",
+    "namespaces": "namespaces",
+    "namespace": "namespaces",
+    "ns": "namespaces",
+}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{a}={b}" for a, b in sorted(labels.items())) or "<none>"
+
+
+@click.command("get")
+@click.argument("resource", type=click.Choice(sorted(RESOURCES), case_sensitive=False))
+@click.option("-n", "--namespace", default=None, help="Only this namespace (default: all).")
+@output_option
+@pass_ctl
+def get_cmd(ctl: CtlContext, resource: str, namespace: str | None, output: str) -> None:
+    """List policies, pods or namespaces stored in the datastore."""
+    what = RESOURCES[resource.lower()]
+    with _errors():
+        snap = load_snapshot(ctl.client)
+        rows: list[list[Any]] = []
+        data: list[dict[str, Any]] = []
+        if what == "namespaces":
+            for ns in sorted(snap.namespaces.values(), key=lambda x: x.name):
+                if namespace in (None, ns.name):
+                    rows.append([ns.name, _labels(ns.labels)])
+                    data.append(ns.to_json())
+            emit(data, ["NAME", "LABELS"], rows, output)
+        elif what == "pods":
+            for (ns_name, _), pod in sorted(snap.pods.items()):
+                if namespace in (None, ns_name):
+                    ports = ",".join(f"{p.name}:{p.port}/{p.protocol}" for p in pod.named_ports) or "<none>"
+                    rows.append(
+                        [pod.namespace, pod.name, ",".join(pod.ips), pod.node or "", _labels(pod.labels), ports]
+                    )
+                    data.append(pod.to_json())
+            emit(data, ["NAMESPACE", "NAME", "IPS", "NODE", "LABELS", "NAMED PORTS"], rows, output)
+        else:
+            c = compile_policies(snap)
+            for key, pol in sorted(snap.policies.items()):
+                if namespace in (None, key[0]):
+                    st = c.statuses[key]
+                    cp = c.policies[key]
+                    sel = pol.spec.get("podSelector") if isinstance(pol.spec, dict) else None
+                    rows.append(
+                        [
+                            pol.namespace,
+                            pol.name,
+                            _selector_text(sel),
+                            ",".join(cp.directions),
+                            "accepted" if st.accepted else "rejected",
+                        ]
+                    )
+                    data.append({**pol.to_json(), "status": st.to_json()})
+            emit(data, ["NAMESPACE", "NAME", "POD-SELECTOR", "POLICY-TYPES", "STATUS"], rows, output)
+
+
+def _selector_text(raw: Any) -> str:
+    try:
+        return parse_selector(raw, "podSelector").text() or "<all>"
+    except SelectorError:
+        return "<invalid>"
+
+
+COMMANDS = [policy_group, apply_cmd, get_cmd]
