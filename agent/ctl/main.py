@@ -7,6 +7,7 @@ import sys
 import click
 
 from agent.ctl import bgp as bgp_cmds
+from agent.ctl import policy as policy_cmds
 from agent.ctl.context import CtlContext, default_node
 
 
@@ -28,7 +29,7 @@ def cli(ctx: click.Context, etcd_endpoints: str, node: str | None) -> None:
 
 
 # Command groups, one module per topic (agent/ctl/<topic>.py), registered here.
-COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes]
+COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes, *policy_cmds.COMMANDS]
 for command in COMMANDS:
     cli.add_command(command)
 
