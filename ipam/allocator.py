@@ -80,7 +80,7 @@ class Ipam:
         """One IPv4 address for ``handle`` on ``node``. Idempotent: a handle that already holds an address gets it
         back. Raises ``NoPool``, ``PoolExhausted`` or ``TooManyConflicts``."""
         alloc = m.Allocation(handle, pod, kind)
-        refresh = False
+        refreshed = False
         for attempt in range(self.max_retries):
             pools = eligible_pools(self._pools(), node_labels, pool)
             if not pools:
@@ -88,12 +88,28 @@ class Ipam:
                     f"no enabled IPv4 pool{' ' + pool if pool else ''} is available to node {node}"
                     " (check `agentctl ipam pools list`)"
                 )
-            blocks = self._affine_blocks(node, pools, refresh)
+            blocks = self._affine_blocks(node, pools, refresh=False)
             target = next(((c, o) for c in blocks if (o := first_free(c.block)) is not None), None)
-            if target is None and not refresh:
-                refresh = True  # the cache may call a block full that has since freed up
+            if target is None and not refreshed:
+                refreshed = True  # the cache may call a block full that has since freed up
+                self._affine_blocks(node, pools, refresh=True)
                 continue
-            if target is None:
+            if target is not None:
+                cached, ordinal = target
+                if self._commit(node, cached, ordinal, alloc, affine=True):
+                    return cached.block.address(ordinal)
+                fresh = self.store.get(k.BlockKey(cached.block.cidr), m.Block)
+                if fresh is None or fresh.mod_revision != cached.revision:
+                    # Lost the block to a concurrent allocation: retry against its new state (one read, not all).
+                    if fresh is not None and fresh.value.affine_node == node:
+                        with self._lock:
+                            self._cache.setdefault(node, {})[fresh.value.cidr] = _Cached(
+                                fresh.value, fresh.mod_revision
+                            )
+                    self._backoff(attempt)
+                    continue
+                # The block was unchanged, so the handle compare failed: the handle already exists.
+            else:
                 outcome = self._claim_block(node, pools)
                 if outcome == "claimed":
                     continue
@@ -101,14 +117,9 @@ class Ipam:
                     ip = self._borrow(alloc, node, pools)
                     if ip is not None:
                         return ip
-            else:
-                cached, ordinal = target
-                if self._commit(node, cached, ordinal, alloc, affine=True):
-                    return cached.block.address(ordinal)
             existing = self.store.get(k.HandleKey(handle), m.Handle)
             if existing is not None and existing.value.ips:
                 return existing.value.ips[0]
-            refresh = True
             self._backoff(attempt)
         raise TooManyConflicts(f"allocation for {handle} on {node} lost {self.max_retries} compare-and-swap rounds")
 

@@ -9,6 +9,7 @@ import click
 from agent.ctl import bgp as bgp_cmds
 from agent.ctl import policy as policy_cmds
 from agent.ctl.context import CtlContext, default_node
+from agent.ctl.ipam import ipam_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +30,7 @@ def cli(ctx: click.Context, etcd_endpoints: str, node: str | None) -> None:
 
 
 # Command groups, one module per topic (agent/ctl/<topic>.py), registered here.
-COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes, *policy_cmds.COMMANDS]
+COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes, ipam_group, *policy_cmds.COMMANDS]
 for command in COMMANDS:
     cli.add_command(command)
 

@@ -1,0 +1,257 @@
+"""`agentctl ipam`: pools, usage, consistency check, release, GC."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from agent.ctl.context import CtlContext, output_option, pass_ctl
+from agent.ctl.output import emit, table
+from datastore import keys as k
+from datastore import model as m
+from datastore.errors import DatastoreError
+from datastore.fields import ModelError
+from datastore.store import Store
+from ipam.allocator import Ipam
+from ipam.blocks import contains, network
+from ipam.check import CheckReport, check
+from ipam.errors import IpamError
+from ipam.gc import LeakCollector
+from ipam.pools import add_pool, delete_pool, list_pools
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """IPAM and datastore failures become one clear line and exit status 1."""
+    try:
+        yield
+    except (IpamError, ModelError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except DatastoreError as exc:
+        raise click.ClickException(f"datastore: {exc}") from None
+
+
+@click.group("ipam")
+def ipam_group() -> None:
+    """IP address management: pools, usage, consistency, release."""
+
+
+@ipam_group.group("pools")
+def pools_group() -> None:
+    """List, add and delete IP pools."""
+
+
+def _pool_row(p: m.IPPool) -> list[Any]:
+    sel = ",".join(f"{a}={b}" for a, b in sorted(p.node_selector.items())) or "all()"
+    return [p.cidr, f"/{p.block_size}", p.encapsulation, p.cross_subnet, p.nat_outgoing, p.disabled, sel]
+
+
+@pools_group.command("list")
+@output_option
+@pass_ctl
+def pools_list(ctl: CtlContext, output: str) -> None:
+    """Show the configured pools."""
+    with _errors():
+        pools = list_pools(Store(ctl.client))
+    emit(
+        [p.to_json() for p in pools],
+        ["CIDR", "BLOCK", "ENCAP", "CROSS-SUBNET", "NAT-OUTGOING", "DISABLED", "NODE-SELECTOR"],
+        [_pool_row(p) for p in pools],
+        output,
+    )
+
+
+def _selector(value: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in filter(None, (x.strip() for x in value.split(","))):
+        key, sep, val = part.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{part!r} is not key=value", param_hint="--node-selector")
+        out[key] = val
+    return out
+
+
+@pools_group.command("add")
+@click.argument("cidr")
+@click.option("--block-size", type=int, default=26, show_default=True, help="Prefix length of the pool's blocks.")
+@click.option("--encapsulation", type=click.Choice(m.ENCAPSULATIONS), default="vxlan", show_default=True)
+@click.option("--cross-subnet", is_flag=True, help="Encapsulate only between nodes on different subnets.")
+@click.option("--nat-outgoing", is_flag=True, help="Masquerade traffic leaving the pool.")
+@click.option("--disabled", is_flag=True, help="Create the pool disabled (no new allocations).")
+@click.option("--node-selector", default="", help="Comma-separated key=value node labels (default: all nodes).")
+@pass_ctl
+def pools_add(  # noqa: PLR0917 - one parameter per click option
+    ctl: CtlContext,
+    cidr: str,
+    block_size: int,
+    encapsulation: str,
+    cross_subnet: bool,
+    nat_outgoing: bool,
+    disabled: bool,
+    node_selector: str,
+) -> None:
+    """Add a pool (refused if it overlaps an existing one)."""
+    with _errors():
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="CIDR") from None
+        pool = m.IPPool(
+            str(net), block_size, encapsulation, cross_subnet, nat_outgoing, disabled, _selector(node_selector)
+        )
+        add_pool(Store(ctl.client), pool)
+    click.echo(f"added pool {pool.cidr}")
+
+
+@pools_group.command("delete")
+@click.argument("cidr")
+@pass_ctl
+def pools_delete(ctl: CtlContext, cidr: str) -> None:
+    """Delete a pool (refused while addresses in it are allocated)."""
+    with _errors():
+        delete_pool(ctl.client, cidr)
+    click.echo(f"deleted pool {cidr}")
+
+
+def usage(store: Store) -> dict[str, Any]:
+    """Per pool, per node and per block: capacity, used, free (one consistent read)."""
+    rev = store.client.revision()
+    pools = [v.value for v in store.list(k.POOLS_PREFIX, m.IPPool, rev)]
+    blocks = sorted((v.value for v in store.list(k.BLOCKS_PREFIX, m.Block, rev)), key=lambda b: network(b.cidr))
+    per_pool = []
+    for p in pools:
+        mine = [b for b in blocks if contains(p.cidr, b.cidr.split("/")[0])]
+        used = sum(len(b.allocations) for b in mine)
+        capacity = network(p.cidr).num_addresses
+        per_pool.append(
+            {
+                "cidr": p.cidr,
+                "disabled": p.disabled,
+                "blocks": len(mine),
+                "capacity": capacity,
+                "used": used,
+                "free": capacity - used,
+            }
+        )
+    nodes: dict[str, dict[str, int]] = defaultdict(lambda: {"blocks": 0, "capacity": 0, "used": 0})
+    for b in blocks:
+        row = nodes[b.affine_node or "-"]
+        row["blocks"] += 1
+        row["capacity"] += b.size
+        row["used"] += len(b.allocations)
+    per_node = [{"node": n, **v, "free": v["capacity"] - v["used"]} for n, v in sorted(nodes.items())]
+    per_block = [
+        {"cidr": b.cidr, "node": b.affine_node, "used": len(b.allocations), "free": b.size - len(b.allocations)}
+        for b in blocks
+    ]
+    return {"revision": rev, "pools": per_pool, "nodes": per_node, "blocks": per_block}
+
+
+@ipam_group.command("show")
+@click.option("--blocks", "show_blocks", is_flag=True, help="Also list every block.")
+@output_option
+@pass_ctl
+def show(ctl: CtlContext, show_blocks: bool, output: str) -> None:
+    """Usage per pool and per node (blocks, used, free)."""
+    with _errors():
+        data = usage(Store(ctl.client))
+    if output == "json":
+        emit(data, [], [], "json")
+        return
+    cols = ["blocks", "capacity", "used", "free"]
+    click.echo(
+        table(
+            ["POOL", "BLOCKS", "CAPACITY", "USED", "FREE"], [[p["cidr"], *(p[c] for c in cols)] for p in data["pools"]]
+        )
+    )
+    click.echo()
+    click.echo(
+        table(
+            ["NODE", "BLOCKS", "CAPACITY", "USED", "FREE"], [[n["node"], *(n[c] for c in cols)] for n in data["nodes"]]
+        )
+    )
+    if show_blocks:
+        click.echo()
+        click.echo(
+            table(
+                ["BLOCK", "NODE", "USED", "FREE"],
+                [[b["cidr"], b["node"] or "-", b["used"], b["free"]] for b in data["blocks"]],
+            )
+        )
+
+
+def _report_text(report: CheckReport) -> str:
+    if report.ok:
+        return f"IPAM is consistent (revision {report.revision})."
+    parts = []
+    if report.leaks:
+        parts.append(f"{len(report.leaked_handles)} leaked handle(s): allocated, but no endpoint or pod uses them")
+        parts.append(
+            table(
+                ["HANDLE", "IP", "KIND", "POD", "BLOCK", "NODE"],
+                [[x.handle, x.ip, x.kind, x.pod or "-", x.block, x.node or "-"] for x in report.leaks],
+            )
+        )
+    if report.problems:
+        parts.append(f"{len(report.problems)} inconsistenc(ies):")
+        parts.append(table(["PROBLEM", "SUBJECT", "DETAIL"], [[p.kind, p.subject, p.detail] for p in report.problems]))
+    return "\n\n".join(parts)
+
+
+@ipam_group.command("check")
+@output_option
+@pass_ctl
+@click.pass_context
+def check_cmd(ctx: click.Context, ctl: CtlContext, output: str) -> None:
+    """Find leaks (allocated, unused), endpoints without allocations, addresses held twice, empty handles.
+    Exit status 1 when anything is found."""
+    with _errors():
+        report = check(ctl.client)
+    if output == "json":
+        emit(report.to_json(), [], [], "json")
+    else:
+        click.echo(_report_text(report))
+    if not report.ok:
+        ctx.exit(1)
+
+
+@ipam_group.command("release")
+@click.option("--ip", "ip", default=None, help="Release this address, whoever holds it.")
+@click.option("--handle", "handle", default=None, help="Release every address of this handle.")
+@pass_ctl
+def release(ctl: CtlContext, ip: str | None, handle: str | None) -> None:
+    """Release an address or a handle (idempotent)."""
+    if (ip is None) == (handle is None):
+        raise click.UsageError("give exactly one of --ip or --handle")
+    with _errors():
+        ipam = Ipam(ctl.client)
+        if ip is not None:
+            ipaddress.ip_address(ip)
+            holder = ipam.release_ip(ip)
+            click.echo(f"released {ip} (handle {holder})" if holder else f"{ip} was not allocated")
+        else:
+            assert handle is not None
+            k.HandleKey(handle).path  # validates the name  # noqa: B018
+            ips = ipam.release_handle(handle)
+            click.echo(f"released {', '.join(ips)} from {handle}" if ips else f"handle {handle} held nothing")
+
+
+@ipam_group.command("gc")
+@click.option("--grace", type=float, default=60.0, show_default=True, help="Seconds a leak must persist.")
+@pass_ctl
+def gc(ctl: CtlContext, grace: float) -> None:
+    """Release leaked handles: looked at twice, ``--grace`` seconds apart."""
+    sleep: Callable[[float], None] = time.sleep
+    with _errors():
+        collector = LeakCollector(Ipam(ctl.client), grace=grace)
+        released = collector.run_once()
+        if grace > 0 and collector.first_seen:
+            sleep(grace)
+            released += collector.run_once()
+    click.echo(f"released {len(released)} leaked handle(s){': ' + ', '.join(released) if released else ''}")
