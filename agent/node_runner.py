@@ -1,0 +1,261 @@
+"""A per-node runner: the cache, the BGP speaker, route calculation, the route and device writers and the status
+publisher, driven by one loop. The future ``podnet-agent`` daemon hosts the same objects; tests and the lab run
+one runner per node namespace (``--netns``), several on one machine.
+
+One pass (on any datastore or BGP change, and every ``resync`` seconds to repair what someone else broke):
+
+1. nothing touches the kernel until the cache is in sync with etcd;
+2. the speaker gets the peer set and our prefixes (``bgp.plan``), and is (re)created when our identity changes;
+3. ``agent.calc.routes`` plans routes and devices from the snapshot and the speaker's best routes;
+4. the link writer, then the route writer, make the kernel match;
+5. status (programmed routes, peers, the agent itself) goes to etcd under the runner's lease.
+
+Learned routes are only removed once BGP is in sync too: after a (graceful) restart the RIB starts empty while the
+kernel still forwards with the routes of the previous run; they are kept until every peer is back (and has had
+``settle`` seconds to re-send its routes) or ``startup_grace`` has passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.cache import Cache
+from agent.calc.routes import RoutePlan, plan_routes
+from agent.calc.snapshot import Snapshot
+from agent.dataplane.links import LinkWriter
+from agent.dataplane.netlink import Netlink
+from agent.dataplane.routes import RouteResult, RouteWriter
+from agent.status import StatusPublisher
+from bgp.plan import Defaults, SpeakerIdentity, identity, plan_announcements, plan_peers
+from bgp.speaker import Speaker, SpeakerConfig
+from datastore import model as m
+from datastore.etcd import EtcdClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    node: str
+    workdir: Path  # the speaker's files (ExaBGP config, bridge socket, log)
+    netns: str | None = None  # run the dataplane and ExaBGP in this network namespace
+    bgp_defaults: Defaults = field(default_factory=Defaults)
+    resync: float = 10.0
+    settle: float = 2.0
+    startup_grace: float = 30.0
+    status_ttl: int = 20
+    exabgp_log_level: str = "INFO"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class NodeRunner:
+    def __init__(self, client: EtcdClient, config: RunnerConfig) -> None:
+        self.client = client
+        self.config = config
+        self.node = config.node
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.cache = Cache(client, on_change=self._wake.set)
+        self.netlink = Netlink(config.netns)
+        self.links = LinkWriter(self.netlink)
+        self.routes = RouteWriter(self.netlink)
+        self.status = StatusPublisher(client, config.node, ttl=config.status_ttl)
+        self.speaker: Speaker | None = None
+        self._identity: SpeakerIdentity | None = None
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._all_up_since: float | None = None
+        self._recheck_at: float | None = None  # when BGP may count as settled: pass again then
+        self._learned_in_sync = False
+        self._in_sync_since = ""
+        self._was_in_sync = False
+        # What the last pass did, for tests and the future daemon's health endpoint.
+        self.last_plan: RoutePlan | None = None
+        self.last_result: RouteResult | None = None
+        self.passes = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> NodeRunner:
+        self._started = time.monotonic()
+        self.cache.start()
+        self._thread = threading.Thread(target=self._loop, name=f"runner-{self.node}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, withdraw: bool = True) -> None:
+        """``withdraw=False`` is a planned restart: BGP peers keep our routes (graceful restart) and the kernel
+        keeps everything; ``withdraw=True`` tells peers we are gone. Status keys go with the lease either way."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.speaker is not None:
+            self.speaker.stop(withdraw=withdraw)
+        self.cache.stop()
+        self.status.close(revoke=True)
+        self.netlink.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            timeout = self.config.resync
+            if self._recheck_at is not None:
+                timeout = max(0.0, min(timeout, self._recheck_at - time.monotonic()))
+            self._wake.wait(timeout=timeout)
+            if self._stop.is_set():
+                return
+            time.sleep(0.02)  # coalesce a burst of updates into one pass
+            self._wake.clear()
+            try:
+                self.sync_once()
+            except Exception:
+                log.exception("runner pass failed; retrying")
+                self._stop.wait(1.0)
+                self._wake.set()
+
+    # -- one pass -----------------------------------------------------------------------------------------------
+
+    def sync_once(self) -> None:
+        snap = self.cache.snapshot()
+        self.passes += 1
+        if snap.in_sync != self._was_in_sync:
+            self._was_in_sync = snap.in_sync
+            self._in_sync_since = _now()
+        if not snap.in_sync:
+            self.status.publish_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
+            return
+        problems: list[str] = []
+        me = snap.nodes.get(self.node)
+        if me is None:
+            problems.append(f"no node record for {self.node}: BGP is not started")
+        else:
+            self._steer_speaker(snap, me)
+        learned = list(self.speaker.best_routes().values()) if self.speaker is not None else []
+        learned_in_sync = self._bgp_in_sync()
+        plan = plan_routes(snap, self.node, learned)
+        problems.extend(plan.problems)
+        problems.extend(self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync).problems)
+        result = self.routes.apply(plan.routes, in_sync=True, learned_in_sync=learned_in_sync)
+        problems.extend(f"{cidr}: {why}" for cidr, why in sorted(result.failed.items()))
+        self.last_plan, self.last_result = plan, result
+
+        statuses = {}
+        for cidr, done in result.programmed.items():
+            st = done.route.status(self.node)
+            statuses[cidr] = m.RouteStatus(
+                st.node, st.cidr, st.type, st.via, done.dev, st.encapsulation, st.learned_from
+            )
+        self.status.publish_routes(statuses)
+        peers = self.speaker.peer_status() if self.speaker is not None else []
+        self.status.publish_peers({p.address: p.to_status(self.node) for p in peers})
+        ident = self._identity
+        self.status.publish_agent(
+            m.AgentStatus(
+                node=self.node,
+                in_sync=True,
+                revision=snap.revision,
+                router_id=None if ident is None else ident.router_id,
+                as_number=None if ident is None else ident.as_number,
+                since=self._in_sync_since,
+                problems=tuple(problems),
+            )
+        )
+
+    def _steer_speaker(self, snap: Snapshot, me: m.Node) -> None:
+        ident = identity(me, snap.config)
+        if self.speaker is None or ident != self._identity:
+            if self.speaker is not None:
+                log.info("BGP identity of %s changed: restarting the speaker", self.node)
+                self.speaker.stop(withdraw=True)
+            self.speaker = self._make_speaker(ident)
+            self._identity = ident
+            self.speaker.on_change(self._wake.set)
+            self.speaker.start()
+        self.speaker.set_peers(
+            plan_peers(self.node, snap.nodes, snap.config, snap.bgp_peers.values(), self.config.bgp_defaults)
+        )
+        self.speaker.announce(
+            plan_announcements(self.node, snap.blocks, snap.affinities, snap.endpoints.values(), snap.nodes)
+        )
+
+    def _make_speaker(self, ident: SpeakerIdentity) -> Speaker:
+        cfg = SpeakerConfig(ident, log_level=self.config.exabgp_log_level)
+        return Speaker(cfg, workdir=self.config.workdir, netns=self.config.netns)
+
+    def _bgp_in_sync(self) -> bool:
+        """Latches: once BGP has caught up after start, a route missing from the RIB is a real withdrawal."""
+        if self._learned_in_sync:
+            return True
+        now = time.monotonic()
+        peers = self.speaker.peer_status() if self.speaker is not None else []
+        all_up = self.speaker is not None and all(p.state in ("Established", "Invalid") for p in peers)
+        if not all_up:
+            self._all_up_since = None
+        elif self._all_up_since is None:
+            self._all_up_since = now
+        settled = self._all_up_since is not None and now - self._all_up_since >= self.config.settle
+        if settled or now - self._started >= self.config.startup_grace:
+            self._learned_in_sync = True
+            self._recheck_at = None
+            log.info("BGP in sync on %s: stale learned routes may now be removed", self.node)
+        elif self._all_up_since is not None:
+            self._recheck_at = self._all_up_since + self.config.settle
+        else:
+            self._recheck_at = self._started + self.config.startup_grace
+        return self._learned_in_sync
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.node_runner", description=__doc__.split("\n")[0])
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--etcd-endpoints", default="127.0.0.1:2379")
+    parser.add_argument("--netns", default=None, help="network namespace of the node (default: our own)")
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--hold-time", type=int, default=Defaults.hold_time)
+    parser.add_argument("--graceful-restart-time", type=int, default=Defaults.graceful_restart_time)
+    parser.add_argument("--resync", type=float, default=10.0)
+    parser.add_argument("--startup-grace", type=float, default=30.0)
+    parser.add_argument(
+        "--withdraw-on-exit",
+        action="store_true",
+        help="on SIGTERM tell peers we are gone (default: a planned restart; peers keep our routes)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
+    config = RunnerConfig(
+        node=args.node,
+        workdir=args.workdir,
+        netns=args.netns,
+        bgp_defaults=Defaults(hold_time=args.hold_time, graceful_restart_time=args.graceful_restart_time),
+        resync=args.resync,
+        startup_grace=args.startup_grace,
+    )
+    client = EtcdClient([e.strip() for e in args.etcd_endpoints.split(",") if e.strip()])
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    runner = NodeRunner(client, config).start()
+    print("started", flush=True)
+    done.wait()
+    runner.stop(withdraw=args.withdraw_on_exit)
+    client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
