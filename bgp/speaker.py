@@ -172,6 +172,7 @@ class Speaker:
         self._refresh_pending: set[str] = set()
         self._config_text = ""
         self._reload_pending = False
+        self._resync_pending = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0  # ExaBGP processes started so far
         self._bridge_generation = -1  # the ExaBGP generation the last bridge connection belonged to
@@ -494,7 +495,7 @@ class Speaker:
                     if self._rib.count(address):
                         self._rib.mark_stale(address)
                         s.stale_until = now + REFRESH_GRACE
-            self._reload_pending = True  # and learn the sessions' states again (show neighbor)
+            self._resync_pending = True  # and learn the sessions' states again (show neighbor)
         self._bridge_generation = self._generation
 
     def _event(self, event: events.Event) -> bool:
@@ -600,10 +601,10 @@ class Speaker:
         """One round: reload if the peers changed, sync announcements, send End-of-RIBs and refreshes, expire
         stale routes. Returns how long to sleep (0: there may be more to do)."""
         with self._lock:
-            reload = self._reload_pending
-            self._reload_pending = False
-        if reload:
-            self._reload(conn)
+            reload, resync = self._reload_pending, self._resync_pending
+            self._reload_pending = self._resync_pending = False
+        if reload or resync:
+            self._reload(conn, resync)
         with self._lock:
             desired = outbound(self.identity, self._peers.values(), self._own, self._rib, self._router_ids)
             plan = _diff(desired, self._sent, self._unsure)
@@ -654,7 +655,7 @@ class Speaker:
             return max(0.01, min(1.0, next_deadline - time.monotonic()))
         return 1.0
 
-    def _reload(self, conn: _Conn) -> None:
+    def _reload(self, conn: _Conn, resync: bool = False) -> None:
         """Have ExaBGP re-read its configuration, then wait until its sessions match it (the reload runs
         asynchronously after the ack), and take the sessions' states from it."""
         conn.call(commands.RELOAD)
@@ -669,7 +670,9 @@ class Speaker:
                         s = self._sessions.setdefault(address, _Session())
                         if up and s.state != ESTABLISHED:
                             s.set(ESTABLISHED)
-                        elif not up and s.state == ESTABLISHED:
+                        elif not up and s.state == ESTABLISHED and resync:
+                            # Only after a bridge restart (state events may be lost); otherwise an "up" event
+                            # can overtake this snapshot, and events are the truth.
                             s.set("Active")
                     return
             time.sleep(0.02)
@@ -681,7 +684,7 @@ def _parse_neighbors(text: Sequence[str]) -> dict[str, bool] | None:
 
     try:
         doc = json.loads("\n".join(text))
-        return {str(n["peer"]["address"]): n.get("state") == "up" for n in doc}
+        return {str(n["peer"]["address"]): str(n.get("fsm", "")).lower() == "established" for n in doc}
     except (ValueError, KeyError, TypeError):
         return None
 

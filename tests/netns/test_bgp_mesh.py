@@ -1,0 +1,46 @@
+"""Full mesh of three podnet nodes: real ExaBGP speakers in node namespaces exchange their block routes."""
+
+from __future__ import annotations
+
+import pytest
+
+from bgp.plan import plan_peers
+from datastore import model as m
+from testbed.netns import NetnsBed
+
+from tests.netns.test_bgp_support import FAST, established, make_cluster, speakers, wait
+
+pytestmark = pytest.mark.netns
+
+BLOCKS = {"a": "10.244.1.0/26", "b": "10.244.2.0/26", "c": "10.244.3.0/26"}
+
+
+def test_full_mesh_exchanges_blocks(netns_bed: NetnsBed) -> None:
+    cl = make_cluster(netns_bed, [("a", 11), ("b", 12), ("c", 13)])
+    cfg = m.ClusterConfig()
+    with speakers(cl, "abc") as sp:
+        for name, s in sp.items():
+            s.set_peers(plan_peers(name, cl.models, cfg, (), FAST))
+            s.announce([BLOCKS[name]])
+        for name, s in sp.items():
+            wait(lambda s=s: established(s) and len(s.peer_status()) == 2, 20, f"{name} sessions up")
+
+        def learned() -> bool:
+            for name, s in sp.items():
+                want = {BLOCKS[o]: cl.models[o].address for o in "abc" if o != name}
+                got = {p: r.next_hop for p, r in s.best_routes().items()}
+                if got != want:
+                    return False
+            return True
+
+        wait(learned, 10, "every node learns the other two blocks with the owner as next hop")
+        # the one pair, one session rule: the lower address is passive
+        kinds = {(p.address, p.kind) for p in sp["a"].peer_status()}
+        assert kinds == {(cl.models["b"].address, "node-to-node mesh"), (cl.models["c"].address, "node-to-node mesh")}
+
+        # a new block on b reaches a and c; withdrawing it removes it
+        sp["b"].announce([BLOCKS["b"], "10.244.9.0/26"])
+        wait(lambda: all("10.244.9.0/26" in sp[n].best_routes() for n in "ac"), 5, "new block propagates")
+        sp["b"].announce([BLOCKS["b"]])
+        wait(lambda: all("10.244.9.0/26" not in sp[n].best_routes() for n in "ac"), 5, "withdrawal propagates")
+        assert sp["a"].best_routes()[BLOCKS["b"]].next_hop == cl.models["b"].address
