@@ -7,7 +7,6 @@ import pytest
 from bgp.plan import plan_peers
 from datastore import model as m
 from testbed.netns import NetnsBed
-
 from tests.netns.test_bgp_support import FAST, established, make_cluster, speakers, wait
 
 pytestmark = pytest.mark.netns

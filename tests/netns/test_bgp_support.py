@@ -163,7 +163,7 @@ class Bird:
 
     def protocol_states(self) -> dict[str, str]:
         out = self.birdc("show", "protocols")
-        return {l.split()[0]: l for l in out.splitlines() if l.startswith("p")}
+        return {line.split()[0]: line for line in out.splitlines() if line.startswith("p")}
 
 
 # ---- GoBGP -------------------------------------------------------------------------------------------------------
