@@ -4,7 +4,8 @@ and each node's filter table and ipsets programmed from the pure compiler by the
 
 from __future__ import annotations
 
-import itertools
+import ipaddress
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,47 @@ from testbed.netns import Netns, NetnsBed, Node, Pod, sh
 
 OUTSIDE_IP = "198.51.100.7"
 NODE_SUBNETS = {"node1": "10.244.1.0/24", "node2": "10.244.2.0/24"}
+# Outside hosts sit on a bridge of the underlay router that is the gateway of both documentation ranges.
+OUTSIDE_GATEWAYS = {"198.51.100.0/24": "198.51.100.1", "192.0.2.0/24": "192.0.2.254"}
+
+# One process answering on many ports (TCP: accept and send; UDP: answer every datagram), so a pod can listen on
+# every port a test table uses without a process per port.
+MULTI_SERVER = """
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for spec in sys.argv[1:]:
+    proto, port = spec.split("/")
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(port)))
+    if proto == "tcp":
+        s.listen(128)
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ, proto)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        s = key.fileobj
+        try:
+            if key.data == "tcp":
+                conn, _ = s.accept()
+                conn.sendall(b"podnet-probe-ok")
+                conn.close()
+            else:
+                _, peer = s.recvfrom(2048)
+                s.sendto(b"podnet-probe-ok", peer)
+        except OSError:
+            pass
+"""
+
+
+def listen_many(ns: Netns, ports: list[tuple[str, int]]) -> None:
+    proc = ns.popen(sys.executable, "-c", MULTI_SERVER, *(f"{proto}/{port}" for proto, port in sorted(set(ports))))
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"server in {ns.name} did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
 
 
 @dataclass
@@ -28,7 +70,7 @@ class Cluster:
     pods: dict[str, Pod]  # "ns/name" ->
     labels: dict[str, dict[str, str]]
     ns_labels: dict[str, dict[str, str]]
-    outside: Netns
+    outside: dict[str, Netns]  # address ->
     named_ports: dict[str, tuple[m.NamedPort, ...]] = field(default_factory=dict)
     writers: dict[str, PolicyDataplane] = field(default_factory=dict)
 
@@ -59,14 +101,18 @@ class Cluster:
             writer.apply(compile_node(snap, name).state, full=True, delete_stale=True)
 
     def source(self, who: str) -> Netns:
-        if who == "outside":
-            return self.outside
-        if who in self.nodes:
-            return self.nodes[who].ns
-        return self.pods[who].ns
+        """A pod ("ns/name"), a node (by name or address), or an outside host ("outside" or its address)."""
+        if who in self.pods:
+            return self.pods[who].ns
+        for name, node in self.nodes.items():
+            if who in (name, node.address):
+                return node.ns
+        return self.outside[OUTSIDE_IP if who == "outside" else who]
 
     def address(self, who: str) -> str:
-        return OUTSIDE_IP if who == "outside" else self.pods[who].ip
+        if who in self.pods:
+            return self.pods[who].ip
+        return OUTSIDE_IP if who == "outside" else who
 
     def probe(self, checks: list[tuple[str, str, str, int]], timeout: float = 0.6) -> list[bool]:
         """Real connections (TCP handshake, or UDP request and answer), in parallel."""
@@ -87,6 +133,7 @@ def build(
     listen: list[tuple[str, int]],
     outside_listen: list[tuple[str, int]],
     named_ports: dict[str, tuple[m.NamedPort, ...]] | None = None,
+    outside_ips: tuple[str, ...] = (OUTSIDE_IP,),
 ) -> Cluster:
     ul = bed.underlay()
     nodes = {"node1": bed.node("node1", ul, 11), "node2": bed.node("node2", ul, 12)}
@@ -97,20 +144,28 @@ def build(
             if other != name:
                 node.ns.ip("route", "add", subnet, "via", nodes[other].address)
         ul.ns.ip("route", "add", NODE_SUBNETS[name], "via", node.address)
-    # The outside host: a namespace behind the underlay router, in the documentation range.
-    outside = bed.netns("outside")
-    sh("ip", "link", "add", "out0", "netns", ul.ns.name, "type", "veth", "peer", "name", "eth0", "netns", outside.name)
-    ul.ns.ip("addr", "add", "198.51.100.1/24", "dev", "out0")
-    ul.ns.ip("link", "set", "out0", "up")
-    outside.ip("addr", "add", f"{OUTSIDE_IP}/24", "dev", "eth0")
-    outside.ip("link", "set", "eth0", "up")
-    outside.ip("route", "add", "default", "via", "198.51.100.1")
+    # Outside hosts: namespaces on a second bridge of the underlay router, in the documentation ranges.
+    ul.ns.ip("link", "add", "brout", "type", "bridge")
+    ul.ns.ip("link", "set", "brout", "up")
+    for subnet, gw in OUTSIDE_GATEWAYS.items():
+        ul.ns.ip("addr", "add", f"{gw}/{subnet.split('/')[1]}", "dev", "brout")
+    outside: dict[str, Netns] = {}
+    for i, ip in enumerate(outside_ips):
+        host = bed.netns(f"out{i}")
+        link = f"o{i}"
+        sh("ip", "link", "add", link, "netns", ul.ns.name, "type", "veth", "peer", "name", "eth0", "netns", host.name)
+        ul.ns.ip("link", "set", link, "master", "brout", "up")
+        subnet = next(s for s in OUTSIDE_GATEWAYS if ipaddress.ip_address(ip) in ipaddress.ip_network(s))
+        host.ip("addr", "add", f"{ip}/{subnet.split('/')[1]}", "dev", "eth0")
+        host.ip("link", "set", "eth0", "up")
+        host.ip("route", "add", "default", "via", OUTSIDE_GATEWAYS[subnet])
+        listen_many(host, outside_listen)
+        outside[ip] = host
     made = {key: bed.pod(nodes[node], *key.split("/"), ip) for key, (node, ip, _) in pods.items()}
-    for pod, (proto, port) in itertools.product(made.values(), listen):
-        pod.ns.listen(proto, port)
-    for proto, port in outside_listen:
-        outside.listen(proto, port)
-    cluster = Cluster(bed, nodes, made, {k: v[2] for k, v in pods.items()}, ns_labels, outside, dict(named_ports or {}))
+    for pod in made.values():
+        listen_many(pod.ns, listen)
+    labels = {k: v[2] for k, v in pods.items()}
+    cluster = Cluster(bed, nodes, made, labels, ns_labels, outside, dict(named_ports or {}))
     for name, node in nodes.items():
         runner = Runner(netns=node.ns.name)
         cluster.writers[name] = PolicyDataplane(runner, detect(runner))

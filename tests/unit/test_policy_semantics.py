@@ -166,7 +166,11 @@ CASES: list[tuple[str, list[tuple[str, dict[str, Any]]], list[tuple[str, str, st
     (
         "SCTP port",
         [("nsa", ing({"ports": [{"protocol": "SCTP", "port": 9000}]}))],
-        [("nsb/b1", "nsa/a1", "9000/SCTP", True), ("nsb/b1", "nsa/a1", "9000/TCP", False)],
+        [
+            ("nsb/b1", "nsa/a1", "9000/SCTP", True),
+            ("nsb/b1", "nsa/a1", "9000/TCP", False),
+            ("nsa/a1", "nsb/b1", "9000/TCP", True),
+        ],
     ),
     (
         "protocol without port: every port of that protocol",
