@@ -98,7 +98,7 @@ class PolicyDataplane:
             for table in tables:
                 wanted = {j.chain for j in desired.jumps if j.table == table}
                 known = {c for t, c in self._jumps if t == table}
-                builtin[table] = {c: self.iptables.list_chain(table, c) for c in sorted(wanted | known)}
+                builtin[table] = self.iptables.list_chains(table, sorted(wanted | known))
 
         ipset_plan = plan_ipsets(desired.ipsets, sets, delete_stale)
         self.ipset.restore(ipset_plan.text)

@@ -1,0 +1,242 @@
+"""Benchmark: policy programming latency, cold sync and memory, end to end through a real etcd.
+
+    .venv/bin/python bench/policy_latency.py [--sizes 2000:200,10000:1000] [--changes 20] [--backend nft]
+
+For each size (pods:policies) a child process (so its peak RSS is its own) fills a fresh etcd with a synthetic
+cluster (bench/policy_model.py; 100 pods local to the node), then runs the real agent path: datastore watcher →
+cache → compiler (agent.calc.policy) → PolicySyncer → iptables-restore / ipset restore into a node network
+namespace. It measures
+
+- cold sync: from the cache being in sync to the rules in the kernel, split into compile and write; and the time
+  a bare ``ipset restore`` + ``iptables-restore`` of the same final text takes in a fresh namespace (the floor);
+- changes: one pod relabelled or one policy's port changed (alternating) → etcd put → rules in the kernel
+  (``iptables-restore`` returned), p50/p99, split into compile and write;
+- the peak RSS of the child.
+
+Appends a table to bench/results/policy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.cache import Cache
+from agent.calc.policy import compile_node
+from agent.dataplane.backend import Backend
+from agent.dataplane.cmd import Runner
+from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
+from agent.dataplane.programmer import PolicyDataplane
+from bench.policy_model import synthetic
+from datastore import codec
+from datastore import model as m
+from datastore.etcd import EtcdClient, Put
+from datastore.store import Store
+from testbed.etcd_server import EtcdServer
+from testbed.netns import NetnsBed
+
+RESULTS = Path(__file__).resolve().parent / "results" / "policy.md"
+NODE = "n1"
+LOCAL = 100
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -> dict[str, float]:
+    client = EtcdClient([endpoint])
+    client.delete_prefix("/")
+    cluster = synthetic(pods, policies, NODE, LOCAL)
+    objs: list[codec.Model] = [*cluster.namespaces, *cluster.pods, *cluster.policies, *cluster.endpoints]
+    for i in range(0, len(objs), 100):
+        client.txn([], [Put(codec.key_of(o).path, codec.encode(o)) for o in objs[i : i + 100]])
+    store = Store(client)
+
+    compile_s: dict[int, float] = {}  # revision -> compile seconds
+    reports: list[tuple[float, SyncReport]] = []
+    cond = threading.Condition()
+
+    with NetnsBed() as bed:
+        ns = bed.netns("lat")
+        runner = Runner(ns.name)
+        cache_ref: list[Cache] = []
+
+        def desired() -> Desired | None:
+            snap = cache_ref[0].snapshot()
+            if not snap.in_sync:
+                return None
+            t = time.perf_counter()
+            state = compile_node(snap, NODE).state
+            compile_s[snap.revision] = time.perf_counter() - t
+            return Desired(snap.revision, state)
+
+        def on_synced(r: SyncReport) -> None:
+            with cond:
+                reports.append((time.perf_counter(), r))
+                cond.notify_all()
+
+        def wait_for(revision: int, timeout: float = 120) -> tuple[float, SyncReport]:
+            with cond:
+                ok = cond.wait_for(lambda: any(r.revision >= revision for _, r in reports), timeout=timeout)
+                if not ok:
+                    raise RuntimeError(f"no sync reached revision {revision}")
+                return next((t, r) for t, r in reports if r.revision >= revision)
+
+        syncer = PolicySyncer(
+            PolicyDataplane(runner, Backend(backend)), desired, resync_interval=3600, on_synced=on_synced
+        )
+        cache = Cache(client, on_change=syncer.mark_dirty)
+        cache_ref.append(cache)
+        syncer.start()
+        t0 = time.perf_counter()
+        cache.start()
+        if not cache.in_sync.wait(120):
+            raise RuntimeError("cache never in sync")
+        t_in_sync = time.perf_counter()
+        t_done, first = wait_for(1)
+        cold = {
+            "load_s": t_in_sync - t0,
+            "cold_total_s": t_done - t_in_sync,
+            "cold_compile_s": compile_s[first.revision],
+            "cold_write_s": first.seconds,
+        }
+        state_rules = int(runner.run(["sh", "-c", f"iptables-{backend}-save -t filter | grep -c '^-A'"]).stdout)
+        state_sets = runner.run(["ipset", "save"]).stdout
+        ipt_text = runner.run([f"iptables-{backend}-save", "-t", "filter"]).stdout
+        members = sum(1 for line in state_sets.splitlines() if line.startswith("add "))
+
+        # The floor: the same final text restored in one go into a fresh namespace.
+        fresh = bed.netns("floor")
+        t = time.perf_counter()
+        Runner(fresh.name).run(["ipset", "restore"], stdin=state_sets)
+        Runner(fresh.name).run([f"iptables-{backend}-restore"], stdin=ipt_text)
+        cold["floor_s"] = time.perf_counter() - t
+
+        # Changes: relabel a local pod (its sets change), or change one policy's port (its chain changes).
+        lat: list[float] = []
+        comp: list[float] = []
+        write: list[float] = []
+        kinds: list[str] = []
+        local_pods = [p for p in cluster.pods if p.node == NODE]
+        port_policies = [p for p in cluster.policies if "ports" in json.dumps(p.spec) and "ingress" in p.spec]
+        for i in range(changes):
+            if i % 2 == 0:
+                p = local_pods[(i // 2) % len(local_pods)]
+                labels = dict(p.labels, app="relabelled" if p.labels.get("app") != "relabelled" else "web")
+                obj: codec.Model = m.Pod(p.namespace, p.name, labels, p.ips, p.node, p.named_ports)
+                kinds.append("pod")
+            else:
+                pol = port_policies[(i // 2) % len(port_policies)]
+                spec = json.loads(json.dumps(pol.spec))
+                spec["ingress"][0]["ports"][0]["port"] = 20000 + i
+                obj = m.Policy(pol.namespace, pol.name, spec)
+                kinds.append("policy")
+            t = time.perf_counter()
+            rev = store.put(obj)
+            t_done, r = wait_for(rev)
+            lat.append(t_done - t)
+            comp.append(compile_s.get(r.revision, float("nan")))
+            write.append(r.seconds)
+            time.sleep(0.05)
+        syncer.stop()
+        cache.stop()
+        PolicyDataplane(runner, Backend(backend)).remove_all()
+    client.close()
+    return {
+        "pods": pods,
+        "policies": policies,
+        "rules": state_rules,
+        "set_members": members,
+        **cold,
+        "p50_s": statistics.median(lat),
+        "p99_s": pct(lat, 0.99),
+        "compile_p50_s": statistics.median(comp),
+        "write_p50_s": statistics.median(write),
+        "write_p99_s": pct(write, 0.99),
+        "changes": changes,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="2000:200,10000:1000")
+    ap.add_argument("--changes", type=int, default=20)
+    ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        endpoint, pods, policies = args.child.split(",")
+        print(json.dumps(child(endpoint, int(pods), int(policies), args.changes, args.backend)))
+        return 0
+
+    server = EtcdServer().start()
+    rows = []
+    try:
+        for size in args.sizes.split(","):
+            pods, policies = size.split(":")
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{server.endpoint},{pods},{policies}",
+                    "--changes",
+                    str(args.changes),
+                    "--backend",
+                    args.backend,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        server.stop()
+
+    ms = 1000.0
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    lines = [
+        f"### Programming latency, {stamp} UTC (iptables-{args.backend}, {args.changes} changes per size, "
+        f"{LOCAL} local pods, real etcd → cache → compiler → writers)",
+        "",
+        "| pods / policies | rules / set members | change → kernel p50 / p99 | of which compile p50 | write p50 / p99 "
+        "| cold sync: compile + write | restore floor | write / floor | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pods']} / {r['policies']} | {r['rules']} / {r['set_members']} "
+            f"| {r['p50_s'] * ms:.0f} / {r['p99_s'] * ms:.0f} ms | {r['compile_p50_s'] * ms:.0f} ms "
+            f"| {r['write_p50_s'] * ms:.1f} / {r['write_p99_s'] * ms:.1f} ms "
+            f"| {r['cold_compile_s'] * ms:.0f} + {r['cold_write_s'] * ms:.0f} ms | {r['floor_s'] * ms:.0f} ms "
+            f"| {r['cold_write_s'] / r['floor_s']:.2f}x | {r['peak_rss_mb']:.0f} MB |"
+        )
+    text = "\n".join([*lines, ""])
+    print(text)
+    if not args.no_write:
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
