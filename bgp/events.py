@@ -78,8 +78,8 @@ def _parse(doc: dict[str, Any]) -> Event | None:
             return None
         o = n["open"]
         gr: int | None = None
-        for cap in (o.get("capabilities") or {}).values():
-            if isinstance(cap, dict) and cap.get("name") == "graceful-restart":
+        for code, cap in (o.get("capabilities") or {}).items():
+            if str(code) == "64" and isinstance(cap, dict):  # graceful restart (RFC 4724)
                 gr = int(cap.get("time", 0))
         return OpenEvent(_peer(doc), str(o["router_id"]), gr)
     if kind == "notification":

@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ ESTABLISHED = "Established"
 ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
 RELOAD_TIMEOUT = 10.0
 REFRESH_GRACE = 5.0  # after a bridge restart: how long peers get to re-send their routes on route refresh
+_HOLD_EXPIRED = re.compile(r"hold.?tim|\(4,\s*0\)|code 4\b", re.IGNORECASE)
 
 
 def _default_exabgp() -> str:
@@ -409,6 +411,8 @@ class Speaker:
             self._hold_or_drop(address, spec.graceful_restart_time, now)
 
     def _hold_or_drop(self, address: str, restart_time: int | None, now: float) -> None:
+        if restart_time and self._sessions[address].stale_until is not None:
+            return  # already waiting for this peer: more failed attempts do not extend its restart time
         if restart_time and self._rib.count(address):
             self._rib.mark_stale(address)
             self._sessions[address].stale_until = now + restart_time
@@ -474,6 +478,7 @@ class Speaker:
                 self._kick()
             return True
         if kind == "event":
+            log.debug("%s: event %s", self.identity.node, rest)
             event = events.parse(rest)
             if event is not None:
                 with self._lock:
@@ -513,7 +518,10 @@ class Speaker:
             elif event.state == "down":
                 s.set("Active" if not spec.passive else "Idle", event.reason or s.info)
                 if self._rib.count(event.peer):
-                    self._hold_or_drop(event.peer, self._peer_gr.get(event.peer), now)
+                    # A peer that stopped answering (hold timer expired) is gone, not restarting: graceful
+                    # restart only covers a session that closed (RFC 4724 section 4.2).
+                    silent = _HOLD_EXPIRED.search(f"{event.reason} {s.info}") is not None
+                    self._hold_or_drop(event.peer, None if silent else self._peer_gr.get(event.peer), now)
             self._kick()
             return True
         if isinstance(event, events.OpenEvent):
