@@ -150,7 +150,6 @@ def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients) -> dict[str, Any]:
         mac = link.pod_mac(cenv.container_id)
         att = link.Attachment(host_if, cenv.ifname, cenv.netns, ip, conf.mtu, mac, conf.host_netns)
         try:
-            link.delete(host_if, conf.host_netns)  # a stale veth of an earlier sandbox of this pod
             undo.append(("delete the veth", lambda: link.delete(host_if, conf.host_netns)))
             link.create(att)
         except link.LinkError as exc:
