@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import logging
 import signal
 import sys
@@ -35,6 +36,7 @@ from agent.dataplane.netlink import Netlink
 from agent.dataplane.routes import RouteResult, RouteWriter
 from agent.status import StatusPublisher
 from bgp.plan import Defaults, SpeakerIdentity, identity, plan_announcements, plan_peers
+from bgp.rib import LearnedRoute
 from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
 from datastore.etcd import EtcdClient
@@ -49,6 +51,7 @@ class RunnerConfig:
     netns: str | None = None  # run the dataplane and ExaBGP in this network namespace
     bgp_defaults: Defaults = field(default_factory=Defaults)
     resync: float = 10.0
+    bgp_poll: float = 0.5
     settle: float = 2.0
     startup_grace: float = 30.0
     status_ttl: int = 20
@@ -78,6 +81,8 @@ class NodeRunner:
         self._all_up_since: float | None = None
         self._recheck_at: float | None = None  # when BGP may count as settled: pass again then
         self._learned_in_sync = False
+        self._learned_seen: set[str] = set()  # prefixes BGP delivered during this run
+        self._last_learned: dict[str, LearnedRoute] = {}
         self._in_sync_since = ""
         self._was_in_sync = False
         # What the last pass did, for tests and the future daemon's health endpoint.
@@ -111,21 +116,28 @@ class NodeRunner:
         self._wake.set()
 
     def _loop(self) -> None:
+        next_resync = time.monotonic() + self.config.resync
         while not self._stop.is_set():
-            timeout = self.config.resync
-            if self._recheck_at is not None:
-                timeout = max(0.0, min(timeout, self._recheck_at - time.monotonic()))
-            self._wake.wait(timeout=timeout)
+            deadline = next_resync if self._recheck_at is None else min(next_resync, self._recheck_at)
+            timeout = max(0.0, min(deadline - time.monotonic(), self.config.bgp_poll))
+            woken = self._wake.wait(timeout=timeout)
             if self._stop.is_set():
                 return
+            # Belt and braces: a lost change notification from the speaker costs at most ``bgp_poll`` seconds.
+            if not (woken or time.monotonic() >= deadline or self._learned_changed()):
+                continue
             time.sleep(0.02)  # coalesce a burst of updates into one pass
             self._wake.clear()
+            next_resync = time.monotonic() + self.config.resync
             try:
                 self.sync_once()
             except Exception:
                 log.exception("runner pass failed; retrying")
                 self._stop.wait(1.0)
                 self._wake.set()
+
+    def _learned_changed(self) -> bool:
+        return self.speaker is not None and self.speaker.best_routes() != self._last_learned
 
     # -- one pass -----------------------------------------------------------------------------------------------
 
@@ -144,13 +156,25 @@ class NodeRunner:
             problems.append(f"no node record for {self.node}: BGP is not started")
         else:
             self._steer_speaker(snap, me)
-        learned = list(self.speaker.best_routes().values()) if self.speaker is not None else []
+        self._last_learned = self.speaker.best_routes() if self.speaker is not None else {}
+        learned = list(self._last_learned.values())
+        current = {str(ipaddress.ip_network(r.prefix)) for r in learned}
+        withdrawn = self._learned_seen - current  # delivered in this run, then withdrawn: really gone
+        self._learned_seen |= current
         learned_in_sync = self._bgp_in_sync()
         plan = plan_routes(snap, self.node, learned)
         problems.extend(plan.problems)
         problems.extend(self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync).problems)
-        result = self.routes.apply(plan.routes, in_sync=True, learned_in_sync=learned_in_sync)
+        result = self.routes.apply(plan.routes, in_sync=True, learned_in_sync=learned_in_sync, withdrawn=withdrawn)
         problems.extend(f"{cidr}: {why}" for cidr, why in sorted(result.failed.items()))
+        if result.changed:
+            log.info(
+                "routes: %d written, removed %s (%d learned, BGP in sync: %s)",
+                result.changed - len(result.removed),
+                result.removed,
+                len(learned),
+                learned_in_sync,
+            )
         self.last_plan, self.last_result = plan, result
 
         statuses = {}

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +82,17 @@ class RouteWriter:
                     out[kr.cidr] = kr
         return out
 
-    def apply(self, routes: Mapping[str, Route], in_sync: bool, learned_in_sync: bool | None = None) -> RouteResult:
+    def apply(
+        self,
+        routes: Mapping[str, Route],
+        in_sync: bool,
+        learned_in_sync: bool | None = None,
+        withdrawn: Collection[str] = (),
+    ) -> RouteResult:
         """Program ``routes``. ``in_sync``: the datastore is (stale local routes may go: blackholes, pod routes);
         ``learned_in_sync`` (default: ``in_sync``): BGP has delivered what peers have, so a remote route missing
-        from the plan really was withdrawn (after a restart the RIB starts empty; the kernel keeps forwarding)."""
+        from the plan really was withdrawn (after a restart the RIB starts empty; the kernel keeps forwarding).
+        ``withdrawn``: prefixes BGP did deliver and then withdrew; they go even before ``learned_in_sync``."""
         result = RouteResult()
         have = self.dump()
         names = self.nl.names()
@@ -113,7 +120,7 @@ class RouteWriter:
             result.programmed[cidr] = Programmed(route, dev)
         if in_sync:
             learned_ok = in_sync if learned_in_sync is None else learned_in_sync
-            self._remove_stale(have, routes, names, result, learned_ok)
+            self._remove_stale(have, routes, names, result, learned_ok=learned_ok, withdrawn=set(withdrawn))
         for cidr, why in result.failed.items():
             log.warning("route %s: %s", cidr, why)
         return result
@@ -124,7 +131,9 @@ class RouteWriter:
         routes: Mapping[str, Route],
         names: dict[int, str],
         result: RouteResult,
+        *,
         learned_ok: bool,
+        withdrawn: set[str],
     ) -> None:
         now = self.clock()
         stale = {c: kr for c, kr in have.items() if kr.proto == ROUTE_PROTO and c not in routes}
@@ -134,7 +143,7 @@ class RouteWriter:
         for cidr, kr in sorted(stale.items()):
             dev = names.get(kr.oif) if kr.oif is not None else None
             local = kr.blackhole or (dev is not None and dev.startswith("cali"))
-            if not local and not learned_ok:
+            if not local and not learned_ok and cidr not in withdrawn:
                 continue
             if dev is not None and dev.startswith("cali"):
                 first = self._stale_since.setdefault(cidr, now)
