@@ -231,3 +231,23 @@ def test_check_status_gc_version(cni: Cni, netns_bed: NetnsBed, etcd: EtcdClient
     assert cni.call("DEL", pa, "ctr-a", "a").code == 0
     assert_nothing_left(cni, etcd)
     assert eventually(lambda: check(etcd).ok, timeout=1)
+
+
+def test_new_sandbox_of_a_pod_replaces_the_old_one(cni: Cni, netns_bed: NetnsBed, etcd: EtcdClient) -> None:
+    """A pod's sandbox is recreated (same pod, new container): the new ADD takes over the cali name, and the
+    runtime's late DEL of the old container releases only the old address."""
+    old_ns, new_ns, peer = netns_bed.netns("old"), netns_bed.netns("new"), netns_bed.netns("peer")
+    assert cni.call("ADD", peer, "ctr-p", "peer").code == 0
+    old = cni.call("ADD", old_ns, "ctr-old", "web")
+    new = cni.call("ADD", new_ns, "ctr-new", "web")
+    assert old.code == 0 and new.code == 0
+    ip_new = new.out["ips"][0]["address"].split("/")[0]
+    assert cni.call("DEL", old_ns, "ctr-old", "web").code == 0
+    assert Store(etcd).get(k.HandleKey("k8s-pod-network.ctr-old"), m.Handle) is None
+    ep = Store(etcd).get(k.EndpointKey("n1", "nsa", "web", "eth0"), m.Endpoint)
+    assert ep is not None and ep.value.container_id == "ctr-new"
+    assert peer.ping(ip_new)
+    assert check(etcd).ok
+    for pod, cid, name in ((new_ns, "ctr-new", "web"), (peer, "ctr-p", "peer")):
+        assert cni.call("DEL", pod, cid, name).code == 0
+    assert_nothing_left(cni, etcd)
