@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bgp import commands, events, exabgp_conf
@@ -245,8 +245,18 @@ class Speaker:
                 self._eor_pending.discard(address)
                 changed = True
             for address, spec in new.items():
-                if self._peers.get(address) != spec:
-                    self._sessions[address] = _Session(md5_baseline=self._md5_failures())
+                old = self._peers.get(address)
+                if old == spec:
+                    continue
+                if old is not None and _session_fields(old) == _session_fields(spec):
+                    # Only our import policy changed: the session stays; drop or re-ask for the peer's routes.
+                    if not spec.accept_routes:
+                        self._rib.drop_peer(address)
+                        changed = True
+                    elif self._sessions.get(address, _Session()).state == ESTABLISHED:
+                        self._refresh_pending.add(address)
+                    continue
+                self._sessions[address] = _Session(md5_baseline=self._md5_failures())
             self._peers = new
             if self._write_config():
                 self._reload_pending = True
@@ -685,6 +695,11 @@ class Speaker:
                     return
             time.sleep(0.02)
         log.warning("ExaBGP for %s did not load its new configuration in %ss", self.identity.node, RELOAD_TIMEOUT)
+
+
+def _session_fields(spec: PeerSpec) -> PeerSpec:
+    """The parts of a peer that ExaBGP's session depends on (the rest is our own policy)."""
+    return replace(spec, accept_routes=True, kind="", name="", rr_client=False)
 
 
 def _parse_neighbors(text: Sequence[str]) -> dict[str, bool] | None:

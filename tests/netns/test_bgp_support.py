@@ -72,7 +72,7 @@ def ident_of(cluster: Cluster, name: str) -> SpeakerIdentity:
 
 
 def established(sp: Speaker, addresses: Iterable[str] | None = None) -> bool:
-    states = {p.address: p.state for p in sp.peer_status()}
+    states = {p.address: p.state for p in sp.peer_status() if p.state != "Invalid"}
     wanted = set(addresses) if addresses is not None else set(states)
     return all(states.get(a) == "Established" for a in wanted)
 
