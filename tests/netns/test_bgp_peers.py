@@ -89,7 +89,7 @@ def test_global_peer_md5_and_policy(netns_bed: NetnsBed, tmp_path: Path) -> None
 
         # a changed password re-establishes only that session (and breaks it: BIRD keeps the old one)
         configure(replace(x, accept_routes=True, password="another"))
-        wait(lambda: all("Established" != _status(sp[n], x_ip)[0] for n in "abc"), 15, "x sessions reset")
+        wait(lambda: all(_status(sp[n], x_ip)[0] != "Established" for n in "abc"), 15, "x sessions reset")
         for n in "abc":
             mesh_since = {p.address: p.since for p in sp[n].peer_status() if p.kind == "node-to-node mesh"}
             assert mesh_since == {a: s for a, s in since[n].items() if a in mesh_since}
