@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.calc.policy import compile_node
+from agent.calc.policy import PolicyCompiler, compile_node
 from agent.calc.snapshot import Snapshot
 from agent.dataplane.backend import detect
 from agent.dataplane.cmd import Runner
@@ -73,6 +73,8 @@ class Cluster:
     outside: dict[str, Netns]  # address ->
     named_ports: dict[str, tuple[m.NamedPort, ...]] = field(default_factory=dict)
     writers: dict[str, PolicyDataplane] = field(default_factory=dict)
+    # One incremental compiler per node, kept across programs, as the agent keeps it across snapshots.
+    compilers: dict[str, PolicyCompiler] = field(default_factory=dict)
 
     def snapshot(self, policies: list[m.Policy]) -> Snapshot:
         pods = {}
@@ -98,7 +100,8 @@ class Cluster:
         """Compile for each node and sync its kernel (a full sync, as after a restart)."""
         snap = self.snapshot(policies)
         for name, writer in self.writers.items():
-            writer.apply(compile_node(snap, name).state, full=True, delete_stale=True)
+            compiler = self.compilers.setdefault(name, PolicyCompiler())
+            writer.apply(compile_node(snap, name, compiler).state, full=True, delete_stale=True)
 
     def source(self, who: str) -> Netns:
         """A pod ("ns/name"), a node (by name or address), or an outside host ("outside" or its address)."""

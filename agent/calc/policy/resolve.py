@@ -11,8 +11,11 @@ An invalid policy is reported and compiled with no rules in the directions it de
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from itertools import compress
+from typing import TypeVar
 
 from agent.calc.policy import names
 from agent.calc.policy.selector import Selector
@@ -28,10 +31,12 @@ from agent.calc.policy.spec import (
     declared_selector,
     parse_spec,
 )
-from agent.calc.policy.world import PodKey, World
+from agent.calc.policy.world import PodKey, PodView, World, namespace_labels, node_addresses, pod_view
 from agent.calc.snapshot import Snapshot
 from agent.calc.state import IpSet
 from datastore import model as m
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -93,49 +98,273 @@ class CompiledPolicy:
 
 @dataclass
 class Compiled:
+    """The compiled policies over one snapshot. Produced by ``PolicyCompiler.update``, which keeps mutating its
+    parts: a ``Compiled`` is valid until the next update of the compiler that made it (``DataplaneState`` built
+    from it holds only immutable values and stays valid)."""
+
     world: World
     policies: dict[tuple[str, str], CompiledPolicy] = field(default_factory=dict)
     ipsets: dict[str, IpSet] = field(default_factory=dict)
     statuses: dict[tuple[str, str], PolicyStatus] = field(default_factory=dict)
-    # pod -> direction -> the policies (keys, sorted) that select it in that direction
-    selecting: dict[PodKey, dict[str, list[tuple[str, str]]]] = field(default_factory=dict)
+    selecting: dict[PodKey, set[tuple[str, str]]] = field(default_factory=dict)  # pod -> policies selecting it
 
     def policies_for(self, pod: PodKey, direction: str) -> list[CompiledPolicy]:
-        return [self.policies[k] for k in self.selecting.get(pod, {}).get(direction, [])]
+        """The policies selecting ``pod`` in ``direction``, in (namespace, name) order."""
+        keys = sorted(self.selecting.get(pod, ()))
+        return [self.policies[k] for k in keys if direction in self.policies[k].directions]
 
 
-class _Resolver:
-    def __init__(self, world: World) -> None:
-        self.world = world
-        self.ipsets: dict[str, IpSet] = {}
+@dataclass
+class _SetDef:
+    """What defines an ipset's members, so a pod change can update just the sets it touches."""
 
-    def _add(self, kind: str, set_type: str, canonical: str, members: Iterable[str]) -> str:
-        name = names.ipset(kind, canonical)
-        if name not in self.ipsets:
-            self.ipsets[name] = IpSet(name, set_type, frozenset(members))
-        return name
+    name: str
+    type: str
+    scope: frozenset[str] | None = None  # namespaces whose pods may be members; None: all
+    selector: Selector = field(default_factory=Selector)
+    port_name: str | None = None  # named-port sets
+    protocol: str = "TCP"
+    counts: dict[str, int] = field(default_factory=dict)  # member -> how many pods contribute it
+    refs: int = 0  # rules using the set
 
-    def pod_set(self, namespaces: Iterable[str], sel: Selector, canonical: str) -> str:
+    def contributions(self, view: PodView) -> list[str]:
+        if self.type == "hash:net" or (self.scope is not None and view.namespace not in self.scope):
+            return []
+        if not self.selector.matches(view.labels):
+            return []
+        if self.port_name is None:
+            return list(view.ips)
+        number = view.named_port(self.port_name, self.protocol)
+        return [] if number is None else [f"{ip},{self.protocol.lower()}:{number}" for ip in view.ips]
+
+    def add(self, members: Iterable[str]) -> None:
+        for x in members:
+            self.counts[x] = self.counts.get(x, 0) + 1
+
+    def discard(self, members: Iterable[str]) -> None:
+        for x in members:
+            n = self.counts.get(x, 0) - 1
+            if n > 0:
+                self.counts[x] = n
+            else:
+                self.counts.pop(x, None)
+
+
+@dataclass
+class _Entry:
+    source: m.Policy
+    compiled: CompiledPolicy
+    selector: Selector  # what decides ``selected`` (a broken policy's fallback included)
+    sets: list[str] = field(default_factory=list)
+
+
+def _changed_keys(new: Mapping[K, object], old: Mapping[K, object]) -> list[K]:
+    """Keys added, removed or holding another object. Runs in C when the key order is unchanged (the agent's
+    cache keeps it: a changed key keeps its place), which matters at 50 000 pods."""
+    if len(new) == len(old) and list(new) == list(old):
+        return list(compress(new, map(operator.is_not, new.values(), old.values())))
+    out = [k for k, v in new.items() if old.get(k) is not v]
+    return out + [k for k in old if k not in new]
+
+
+# More changed pods than this in one update: rebuilding from scratch is cheaper than patching every set.
+REBUILD_THRESHOLD = 500
+
+
+class PolicyCompiler:
+    """Policies → rules over ipsets, updated incrementally from one snapshot to the next.
+
+    A snapshot's values are immutable and the agent's cache hands out the same object for a key that did not
+    change, so changes are found by identity: changed pods patch the sets and selections they touch, changed
+    policies are recompiled, everything else is reused. A change of namespaces (or of many pods) rebuilds. The
+    result is always exactly what a fresh compile of the same snapshot gives (a unit test checks that on random
+    change sequences)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.world = World()
+        self._out = Compiled(self.world)
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._by_ns: dict[str, set[tuple[str, str]]] = {}  # namespace -> its policies
+        self._sets: dict[str, _SetDef] = {}
+        self._dirty_sets: set[str] = set()
+        self._pods: dict[PodKey, m.Pod] = {}
+        self._eps: dict[tuple[str, str, str, str], m.Endpoint] = {}
+        self._eps_by_pod: dict[PodKey, dict[tuple[str, str, str, str], m.Endpoint]] = {}
+        self._namespaces: dict[str, m.Namespace] = {}
+
+    def update(self, snap: Snapshot) -> Compiled:
+        ns_labels = namespace_labels(snap)
+        changed_ns = ns_labels != self.world.ns_labels or any(
+            self._namespaces.get(k) is not v for k, v in snap.namespaces.items()
+        )
+        changed_pods = self._pod_changes(snap)
+        if changed_ns or len(changed_pods) > REBUILD_THRESHOLD:
+            self._reset()
+            self.world = World.from_snapshot(snap)
+            self._out = Compiled(self.world)
+            for ek, ep in snap.endpoints.items():
+                self._eps_by_pod.setdefault((ek[1], ek[2]), {})[ek] = ep
+        else:
+            for pod_key, endpoint_keys in sorted(changed_pods.items()):
+                self._repod(pod_key, endpoint_keys, snap)
+        # Kept by reference: a snapshot's maps are read-only, and the next update compares against them.
+        self._pods, self._eps, self._namespaces = snap.pods, snap.endpoints, snap.namespaces
+        self.world.node_addresses = node_addresses(snap)
+        for key in sorted(set(self._entries) | set(snap.policies)):
+            new = snap.policies.get(key)
+            old = self._entries.get(key)
+            if old is not None and old.source is new:
+                continue
+            if old is not None:
+                self._drop_policy(key)
+            if new is not None:
+                self._add_policy(key, new)
+        for name in self._dirty_sets:
+            d = self._sets.get(name)
+            if d is not None:
+                self._out.ipsets[name] = IpSet(name, d.type, frozenset(d.counts))
+        self._dirty_sets.clear()
+        return self._out
+
+    # --- pods --------------------------------------------------------------------------------------------------
+
+    def _pod_changes(self, snap: Snapshot) -> dict[PodKey, set[tuple[str, str, str, str]]]:
+        """Pods whose object or endpoints changed (by identity), with their changed endpoint keys."""
+        changed: dict[PodKey, set[tuple[str, str, str, str]]] = {}
+        for k in _changed_keys(snap.pods, self._pods):
+            changed.setdefault(k, set())
+        for ek in _changed_keys(snap.endpoints, self._eps):
+            changed.setdefault((ek[1], ek[2]), set()).add(ek)
+        return changed
+
+    def _repod(self, key: PodKey, endpoint_keys: set[tuple[str, str, str, str]], snap: Snapshot) -> None:
+        pod = snap.pods.get(key)
+        eps = self._eps_by_pod.setdefault(key, {})
+        for ek in endpoint_keys:
+            ep = snap.endpoints.get(ek)
+            if ep is None:
+                eps.pop(ek, None)
+            else:
+                eps[ek] = ep
+        old = self.world.remove(key)
+        new = pod_view(key, pod, eps.values())
+        if new is not None:
+            self.world.add(new)
+        for d in self._sets.values():
+            before = d.contributions(old) if old is not None else []
+            after = d.contributions(new) if new is not None else []
+            if before != after:
+                d.discard(before)
+                d.add(after)
+                self._dirty_sets.add(d.name)
+        for pk in self._by_ns.get(key[0], ()):
+            e = self._entries[pk]
+            was = key in e.compiled.selected
+            now = new is not None and e.selector.matches(new.labels)
+            if was != now:
+                sel = set(e.compiled.selected)
+                (sel.add if now else sel.discard)(key)
+                e.compiled = replace(e.compiled, selected=frozenset(sel))
+                self._out.policies[pk] = e.compiled
+                if now:
+                    self._out.selecting.setdefault(key, set()).add(pk)
+                else:
+                    self._out.selecting.get(key, set()).discard(pk)
+
+    # --- policies ----------------------------------------------------------------------------------------------
+
+    def _drop_policy(self, key: tuple[str, str]) -> None:
+        e = self._entries.pop(key)
+        self._by_ns[key[0]].discard(key)
+        for pod in e.compiled.selected:
+            self._out.selecting.get(pod, set()).discard(key)
+        for name in e.sets:
+            d = self._sets[name]
+            d.refs -= 1
+            if d.refs == 0:
+                del self._sets[name]
+                self._out.ipsets.pop(name, None)
+                self._dirty_sets.discard(name)
+        del self._out.policies[key]
+        del self._out.statuses[key]
+
+    def _add_policy(self, key: tuple[str, str], pol: m.Policy) -> None:
+        used: list[str] = []
+        cp, selector = self._compile(pol, used)
+        self._entries[key] = _Entry(pol, cp, selector, used)
+        self._by_ns.setdefault(key[0], set()).add(key)
+        for pod in cp.selected:
+            self._out.selecting.setdefault(pod, set()).add(key)
+        self._out.policies[key] = cp
+        self._out.statuses[key] = PolicyStatus(pol.namespace, pol.name, cp.error is None, cp.error or "")
+
+    def _compile(self, pol: m.Policy, used: list[str]) -> tuple[CompiledPolicy, Selector]:
+        ident = f"{pol.namespace}/{pol.name}"
+        try:
+            spec = parse_spec(pol.spec)
+        except PolicyError as exc:
+            # Unreadable selector: isolate the whole namespace rather than guess which pods it meant.
+            sel = declared_selector(pol.spec) or Selector()
+            broken = frozenset(self.world.select([pol.namespace], sel))
+            return CompiledPolicy(pol.namespace, pol.name, declared_directions(pol.spec), broken, error=str(exc)), sel
+        selected = frozenset(self.world.select([pol.namespace], spec.pod_selector))
+        compiled: dict[str, tuple[CompiledRule, ...]] = {}
+        for direction in DIRECTIONS:
+            rules = []
+            # Rules of a direction the policy does not declare have no effect (Kubernetes ignores them).
+            if direction in spec.directions:
+                for i, rule in enumerate(spec.rules(direction)):
+                    peers = None
+                    if rule.peers is not None:
+                        found = (self._peer(pol.namespace, x, used) for x in rule.peers)
+                        peers = tuple(p for p in found if p is not None)
+                    ports = None
+                    if rule.ports is not None:
+                        ports = tuple(
+                            self._port(p, direction, pol.namespace, spec.pod_selector, used) for p in rule.ports
+                        )
+                    rules.append(CompiledRule(ident, direction, i, peers, ports))
+            compiled[direction] = tuple(rules)
+        cp = CompiledPolicy(pol.namespace, pol.name, spec.directions, selected, compiled[INGRESS], compiled[EGRESS])
+        return cp, spec.pod_selector
+
+    def _use(self, d: _SetDef, used: list[str], fill: Iterable[str]) -> str:
+        """Register a use of the set ``d`` describes, creating and filling it on first use."""
+        if d.name not in self._sets:
+            d.add(fill)
+            self._sets[d.name] = d
+            self._dirty_sets.add(d.name)
+        self._sets[d.name].refs += 1
+        used.append(d.name)
+        return d.name
+
+    def _pod_set(self, namespaces: list[str], sel: Selector, canonical: str, used: list[str]) -> str:
         name = names.ipset("s", canonical)
-        if name in self.ipsets:
-            return name
-        pods = self.world.select(namespaces, sel)
-        return self._add("s", "hash:ip", canonical, (ip for k in pods for ip in self.world.pods[k].ips))
+        d = _SetDef(name, "hash:ip", frozenset(namespaces), sel)
+        fill = (
+            ()
+            if name in self._sets
+            else (ip for k in self.world.select(namespaces, sel) for ip in self.world.pods[k].ips)
+        )
+        return self._use(d, used, fill)
 
-    def peer(self, policy_ns: str, peer: Peer) -> PeerMatch | None:
+    def _peer(self, policy_ns: str, peer: Peer, used: list[str]) -> PeerMatch | None:
         if peer.ip_block is not None:
-            return self.ip_block(peer.ip_block)
+            return self._ip_block(peer.ip_block, used)
         pods = peer.pods or Selector()
         if peer.namespaces is None:
             canonical = f"pods ns={policy_ns} sel={pods.text()}"
             text = f"pods {pods.text() or '(all)'} in namespace {policy_ns}"
-            return PeerMatch(self.pod_set([policy_ns], pods, canonical), text)
+            return PeerMatch(self._pod_set([policy_ns], pods, canonical, used), text)
         nss = self.world.namespaces_matching(peer.namespaces)
         canonical = f"pods nssel={peer.namespaces.text()} sel={pods.text()}"
         text = f"pods {pods.text() or '(all)'} in namespaces {peer.namespaces.text() or '(all)'}"
-        return PeerMatch(self.pod_set(nss, pods, canonical), text)
+        return PeerMatch(self._pod_set(nss, pods, canonical, used), text)
 
-    def ip_block(self, block: IpBlock) -> PeerMatch | None:
+    def _ip_block(self, block: IpBlock, used: list[str]) -> PeerMatch | None:
         if block.version != 4:
             return None  # IPv4 dataplane: an IPv6 block matches no packet it sees
         net = ipaddress.ip_network(block.cidr)
@@ -144,70 +373,43 @@ class _Resolver:
         members = [*nets, *(f"{e} nomatch" for e in block.excepts)]
         canonical = f"ipblock {block.cidr} except {','.join(block.excepts)}"
         text = f"ipBlock {block.cidr}" + (f" except {', '.join(block.excepts)}" if block.excepts else "")
-        return PeerMatch(self._add("b", "hash:net", canonical, members), text)
+        name = self._use(_SetDef(names.ipset("b", canonical), "hash:net"), used, members)
+        return PeerMatch(name, text)
 
-    def port(self, port: Port, direction: str, policy_ns: str, selector: Selector) -> PortMatch:
+    def _port(self, port: Port, direction: str, policy_ns: str, selector: Selector, used: list[str]) -> PortMatch:
         if not isinstance(port.port, str):
             return PortMatch(port.protocol, port.port, port.end_port, text=port.text())
         # A named port is resolved on the destination: for ingress the policy's own pods, for egress any pod.
         if direction == INGRESS:
             canonical = f"named {port.port}/{port.protocol} ns={policy_ns} sel={selector.text()}"
-            pods = self.world.select([policy_ns], selector)
+            d = _SetDef(names.ipset("n", canonical), "hash:ip,port", frozenset([policy_ns]), selector)
         else:
             canonical = f"named {port.port}/{port.protocol} any"
-            pods = self.world.with_port_name(port.port)
-        members = []
-        for k in pods:
-            view = self.world.pods[k]
-            number = view.named_port(port.port, port.protocol)
-            if number is not None:
-                members += [f"{ip},{port.protocol.lower()}:{number}" for ip in view.ips]
-        name = self._add("n", "hash:ip,port", canonical, members)
-        return PortMatch(port.protocol, named_set=name, text=port.text())
+            d = _SetDef(names.ipset("n", canonical), "hash:ip,port")
+        d.port_name, d.protocol = port.port, port.protocol
+        fill: list[str] = []
+        if d.name not in self._sets:
+            pods = (
+                self.world.select([policy_ns], selector)
+                if direction == INGRESS
+                else self.world.with_port_name(port.port)
+            )
+            fill = [x for k in pods for x in d.contributions(self.world.pods[k])]
+        return PortMatch(port.protocol, named_set=self._use(d, used, fill), text=port.text())
 
 
 def compile_policies(snap: Snapshot) -> Compiled:
-    world = World.from_snapshot(snap)
-    res = _Resolver(world)
-    out = Compiled(world)
-    for key in sorted(snap.policies):
-        pol = snap.policies[key]
-        cp = _compile_one(res, pol)
-        out.policies[key] = cp
-        out.statuses[key] = PolicyStatus(pol.namespace, pol.name, cp.error is None, cp.error or "")
-        for pod in sorted(cp.selected):
-            per = out.selecting.setdefault(pod, {})
-            for d in cp.directions:
-                per.setdefault(d, []).append(key)
-    out.ipsets = res.ipsets
-    return out
+    """A fresh compile (what ``agentctl`` uses; the agent keeps a ``PolicyCompiler`` across snapshots)."""
+    return PolicyCompiler().update(snap)
 
 
-def _compile_one(res: _Resolver, pol: m.Policy) -> CompiledPolicy:
-    ident = f"{pol.namespace}/{pol.name}"
-    try:
-        spec = parse_spec(pol.spec)
-    except PolicyError as exc:
-        # Unreadable selector: isolate the whole namespace rather than guess which pods it meant.
-        sel = declared_selector(pol.spec) or Selector()
-        broken = frozenset(res.world.select([pol.namespace], sel))
-        return CompiledPolicy(pol.namespace, pol.name, declared_directions(pol.spec), broken, error=str(exc))
-    selected = frozenset(res.world.select([pol.namespace], spec.pod_selector))
-    compiled: dict[str, tuple[CompiledRule, ...]] = {}
-    for direction in DIRECTIONS:
-        rules = []
-        # Rules of a direction the policy does not declare have no effect (Kubernetes ignores them).
-        if direction in spec.directions:
-            for i, rule in enumerate(spec.rules(direction)):
-                peers = None
-                if rule.peers is not None:
-                    peers = tuple(p for p in (res.peer(pol.namespace, x) for x in rule.peers) if p is not None)
-                ports = None
-                if rule.ports is not None:
-                    ports = tuple(res.port(p, direction, pol.namespace, spec.pod_selector) for p in rule.ports)
-                rules.append(CompiledRule(ident, direction, i, peers, ports))
-        compiled[direction] = tuple(rules)
-    return CompiledPolicy(pol.namespace, pol.name, spec.directions, selected, compiled[INGRESS], compiled[EGRESS])
-
-
-__all__ = ["EGRESS", "INGRESS", "Compiled", "CompiledPolicy", "CompiledRule", "PolicyStatus", "compile_policies"]
+__all__ = [
+    "EGRESS",
+    "INGRESS",
+    "Compiled",
+    "CompiledPolicy",
+    "CompiledRule",
+    "PolicyCompiler",
+    "PolicyStatus",
+    "compile_policies",
+]

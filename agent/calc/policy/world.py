@@ -48,46 +48,83 @@ def _ipv4(addrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def pod_view(key: PodKey, pod: m.Pod | None, endpoints: Iterable[m.Endpoint]) -> PodView | None:
+    """A pod as policy sees it, from its object and its endpoints. An endpoint whose pod object has not arrived yet
+    is still a pod: one without labels we know of."""
+    eps = list(endpoints)
+    if pod is None:
+        if not eps:
+            return None
+        return PodView(key[0], key[1], {}, _ipv4(ip for ep in eps for ip in ep.ips), eps[0].node)
+    ips = _ipv4([*pod.ips, *(ip for ep in eps for ip in ep.ips)])
+    node = pod.node or next((ep.node for ep in eps), None)
+    return PodView(pod.namespace, pod.name, dict(pod.labels), ips, node, pod.named_ports)
+
+
+def namespace_labels(snap: Snapshot) -> dict[str, dict[str, str]]:
+    """Every namespace that exists or is implied (by a pod, an endpoint or a policy in it), with its labels."""
+    names = set(snap.namespaces) | {k[0] for k in snap.pods} | {k[0] for k in snap.policies}
+    names |= {k[1] for k in snap.endpoints}
+    out = {}
+    for ns in names:
+        stored = snap.namespaces.get(ns)
+        out[ns] = {**(stored.labels if stored else {}), NAME_LABEL: ns}
+    return out
+
+
+def node_addresses(snap: Snapshot) -> dict[str, frozenset[str]]:
+    out = {}
+    for name, n in snap.nodes.items():
+        addrs = {n.address}
+        addrs.update(a for a in (n.tunnel_address, n.vxlan_address) if a)
+        out[name] = frozenset(addrs)
+    return out
+
+
 @dataclass
 class World:
+    """Mutable: the compiler adds and removes pods as snapshots change; the indexes follow."""
+
     pods: dict[PodKey, PodView] = field(default_factory=dict)
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     node_addresses: dict[str, frozenset[str]] = field(default_factory=dict)
-    _by_ns: dict[str, list[PodKey]] = field(default_factory=dict)
-    _by_label: dict[tuple[str, str, str], list[PodKey]] = field(default_factory=dict)  # (ns, key, value) ->
+    # Ordered sets (dicts with None values) so removal is O(1).
+    _by_ns: dict[str, dict[PodKey, None]] = field(default_factory=dict)
+    _by_label: dict[tuple[str, str, str], dict[PodKey, None]] = field(default_factory=dict)  # (ns, key, value) ->
+    _by_port_name: dict[str, dict[PodKey, None]] = field(default_factory=dict)
     _ns_cache: dict[str, list[str]] = field(default_factory=dict)
-    _by_port_name: dict[str, list[PodKey]] = field(default_factory=dict)
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> World:
-        w = cls()
+        w = cls(ns_labels=namespace_labels(snap), node_addresses=node_addresses(snap))
         eps: dict[PodKey, list[m.Endpoint]] = defaultdict(list)
         for ep in snap.endpoints.values():
             eps[(ep.namespace, ep.pod)].append(ep)
-        for key, pod in snap.pods.items():
-            ips = _ipv4([*pod.ips, *(ip for ep in eps.get(key, []) for ip in ep.ips)])
-            node = pod.node or next((ep.node for ep in eps.get(key, [])), None)
-            w.pods[key] = PodView(pod.namespace, pod.name, dict(pod.labels), ips, node, pod.named_ports)
-        # An endpoint whose pod object has not arrived yet is still a pod: it has no labels we know of.
-        for key, ep_list in eps.items():
-            if key not in w.pods:
-                ips = _ipv4(ip for ep in ep_list for ip in ep.ips)
-                w.pods[key] = PodView(key[0], key[1], {}, ips, ep_list[0].node)
-        namespaces = set(snap.namespaces) | {k[0] for k in w.pods} | {k[0] for k in snap.policies}
-        for ns in namespaces:
-            stored = snap.namespaces.get(ns)
-            w.ns_labels[ns] = {**(stored.labels if stored else {}), NAME_LABEL: ns}
-        for name, n in snap.nodes.items():
-            addrs = {n.address}
-            addrs.update(a for a in (n.tunnel_address, n.vxlan_address) if a)
-            w.node_addresses[name] = frozenset(addrs)
-        for key, view in sorted(w.pods.items()):
-            w._by_ns.setdefault(key[0], []).append(key)
-            for lk, lv in view.labels.items():
-                w._by_label.setdefault((key[0], lk, lv), []).append(key)
-            for p in view.named_ports:
-                w._by_port_name.setdefault(p.name, []).append(key)
+        for key in sorted(set(snap.pods) | set(eps)):
+            view = pod_view(key, snap.pods.get(key), eps.get(key, ()))
+            if view is not None:
+                w.add(view)
         return w
+
+    def add(self, view: PodView) -> None:
+        key = view.key
+        self.pods[key] = view
+        self._by_ns.setdefault(key[0], {})[key] = None
+        for lk, lv in view.labels.items():
+            self._by_label.setdefault((key[0], lk, lv), {})[key] = None
+        for p in view.named_ports:
+            self._by_port_name.setdefault(p.name, {})[key] = None
+
+    def remove(self, key: PodKey) -> PodView | None:
+        view = self.pods.pop(key, None)
+        if view is None:
+            return None
+        self._by_ns[key[0]].pop(key, None)
+        for lk, lv in view.labels.items():
+            self._by_label[(key[0], lk, lv)].pop(key, None)
+        for p in view.named_ports:
+            self._by_port_name[p.name].pop(key, None)
+        return view
 
     def namespaces_matching(self, sel: Selector) -> list[str]:
         text = sel.text()
@@ -96,23 +133,18 @@ class World:
         return self._ns_cache[text]
 
     def select(self, namespaces: Iterable[str], sel: Selector) -> list[PodKey]:
-        """Pods of ``namespaces`` whose labels match ``sel``, in key order. An equality in the selector narrows
-        the candidates through the label index instead of scanning each namespace."""
+        """Pods of ``namespaces`` whose labels match ``sel``. An equality in the selector narrows the candidates
+        through the label index instead of scanning each namespace."""
         eqs = sel.equalities()
         out: list[PodKey] = []
         for ns in sorted(set(namespaces)):
+            candidates: dict[PodKey, None]
             if eqs:
-                candidates = min((self._by_label.get((ns, k, v), []) for k, v in eqs), key=len)
+                candidates = min((self._by_label.get((ns, k, v), {}) for k, v in eqs), key=len)
             else:
-                candidates = self._by_ns.get(ns, [])
+                candidates = self._by_ns.get(ns, {})
             out += [k for k in candidates if sel.matches(self.pods[k].labels)]
         return out
 
     def with_port_name(self, name: str) -> list[PodKey]:
-        return self._by_port_name.get(name, [])
-
-    def node_of(self, ip: str) -> str | None:
-        for node, addrs in self.node_addresses.items():
-            if ip in addrs:
-                return node
-        return None
+        return list(self._by_port_name.get(name, {}))
