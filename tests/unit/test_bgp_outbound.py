@@ -1,0 +1,101 @@
+"""Reflection and RIB rules: what a node sends each peer, loop prevention, best path, graceful-restart staleness."""
+
+from __future__ import annotations
+
+from bgp.commands import OutRoute
+from bgp.outbound import accepts, outbound
+from bgp.plan import GLOBAL, MESH, REFLECTOR, RR_CLIENT, PeerSpec, SpeakerIdentity
+from bgp.rib import LearnedRoute, Rib
+
+RR = SpeakerIdentity("rr", "10.0.0.1", 64512, "10.0.0.1", cluster_id="1.0.0.1")
+PLAIN = SpeakerIdentity("a", "10.0.0.11", 64512, "10.0.0.11")
+
+
+def client(ip: str) -> PeerSpec:
+    return PeerSpec(ip, 64512, RR_CLIENT, rr_client=True)
+
+
+def reflector(ip: str) -> PeerSpec:
+    return PeerSpec(ip, 64512, REFLECTOR)
+
+
+def test_plain_node_sends_only_its_own_prefixes() -> None:
+    rib = Rib()
+    rib.update("10.0.0.12", [LearnedRoute("10.244.2.0/26", "10.0.0.12", "10.0.0.12")])
+    peers = [PeerSpec("10.0.0.12", 64512, MESH), PeerSpec("10.0.0.13", 64512, MESH)]
+    out = outbound(PLAIN, peers, ["10.244.1.0/26"], rib, {})
+    own = OutRoute("10.244.1.0/26", "10.0.0.11")
+    assert out == {"10.0.0.12": {"10.244.1.0/26": own}, "10.0.0.13": {"10.244.1.0/26": own}}
+
+
+def test_reflector_reflects_client_routes_to_clients_and_reflectors_not_back() -> None:
+    rib = Rib()
+    rib.update("10.0.0.11", [LearnedRoute("10.244.1.0/26", "10.0.0.11", "10.0.0.11", local_pref=100)])
+    peers = [
+        client("10.0.0.11"),
+        client("10.0.0.12"),
+        reflector("10.0.0.2"),
+        PeerSpec("9.9.9.9", 65000, GLOBAL, in_cluster=False),
+    ]
+    out = outbound(RR, peers, [], rib, {"10.0.0.11": "10.0.0.11"})
+    reflected = OutRoute("10.244.1.0/26", "10.0.0.11", 100, (), "10.0.0.11", ("1.0.0.1",))
+    assert out["10.0.0.12"] == {"10.244.1.0/26": reflected}
+    assert out["10.0.0.2"] == {"10.244.1.0/26": reflected}
+    assert out["10.0.0.11"] == {}  # never back to the originator
+    assert out["9.9.9.9"] == {}  # not to an external peer
+
+
+def test_reflector_sends_non_client_routes_to_clients_only_and_keeps_originator() -> None:
+    rib = Rib()
+    rib.update(
+        "10.0.0.2",
+        [LearnedRoute("10.244.9.0/26", "10.0.0.19", "10.0.0.2", originator_id="10.0.0.19", cluster_list=("1.0.0.2",))],
+    )
+    peers = [client("10.0.0.11"), client("10.0.0.19"), reflector("10.0.0.2"), reflector("10.0.0.3")]
+    out = outbound(RR, peers, [], rib, {})
+    sent = out["10.0.0.11"]["10.244.9.0/26"]
+    assert (sent.originator_id, sent.cluster_list, sent.next_hop) == ("10.0.0.19", ("1.0.0.1", "1.0.0.2"), "10.0.0.19")
+    assert out["10.0.0.3"] == {}  # non-client to non-client: not reflected
+    assert out["10.0.0.19"] == {}  # the originator (by router ID) gets nothing back
+
+
+def test_own_prefix_wins_over_a_reflected_one() -> None:
+    rib = Rib()
+    rib.update("10.0.0.11", [LearnedRoute("10.244.1.0/26", "10.0.0.11", "10.0.0.11")])
+    out = outbound(RR, [client("10.0.0.11"), client("10.0.0.12")], ["10.244.1.0/26"], rib, {})
+    assert out["10.0.0.12"]["10.244.1.0/26"] == OutRoute("10.244.1.0/26", "10.0.0.1")
+
+
+def test_loop_prevention_and_policy() -> None:
+    peer = reflector("10.0.0.2")
+    assert accepts(RR, peer, LearnedRoute("p", "n", "10.0.0.2"))
+    assert not accepts(RR, peer, LearnedRoute("p", "n", "10.0.0.2", originator_id="10.0.0.1"))
+    assert not accepts(RR, peer, LearnedRoute("p", "n", "10.0.0.2", cluster_list=("9.9.9.9", "1.0.0.1")))
+    assert accepts(PLAIN, peer, LearnedRoute("p", "n", "10.0.0.2", cluster_list=("1.0.0.1",)))
+    assert not accepts(
+        PLAIN,
+        PeerSpec("9.9.9.9", 65000, GLOBAL, in_cluster=False, accept_routes=False),
+        LearnedRoute("p", "n", "9.9.9.9"),
+    )
+
+
+def test_best_path_and_staleness() -> None:
+    rib = Rib()
+    rib.update("10.0.0.3", [LearnedRoute("p/26", "10.0.0.3", "10.0.0.3")])
+    rib.update("10.0.0.2", [LearnedRoute("p/26", "10.0.0.2", "10.0.0.2", cluster_list=("1.1.1.1",))])
+    assert rib.best()["p/26"].peer == "10.0.0.3"  # shorter cluster list
+    rib.update("10.0.0.9", [LearnedRoute("p/26", "10.0.0.9", "10.0.0.9", local_pref=200)])
+    assert rib.best()["p/26"].peer == "10.0.0.9"  # local-pref first
+    rib.drop_peer("10.0.0.9")
+    rib.update("10.0.0.2", [LearnedRoute("p/26", "10.0.0.2", "10.0.0.2")])
+    assert rib.best()["p/26"].peer == "10.0.0.2"  # tie: lowest address (numerically)
+
+    rib.mark_stale("10.0.0.2")
+    assert rib.best()["p/26"].peer == "10.0.0.3"  # fresh beats stale
+    assert rib.has_stale("10.0.0.2")
+    rib.update("10.0.0.2", [LearnedRoute("p/26", "10.0.0.2", "10.0.0.2")])  # re-learned: fresh again
+    rib.mark_stale("10.0.0.3")
+    rib.update("10.0.0.3", [LearnedRoute("q/26", "10.0.0.3", "10.0.0.3")])
+    assert rib.sweep_stale("10.0.0.3") == 1  # End-of-RIB: what was not re-sent goes
+    assert set(rib.routes_from("10.0.0.3")) == {"q/26"}
+    assert not rib.best()["p/26"].stale
