@@ -31,7 +31,15 @@ from agent.calc.policy.spec import (
     declared_selector,
     parse_spec,
 )
-from agent.calc.policy.world import PodKey, PodView, World, namespace_labels, node_addresses, pod_view
+from agent.calc.policy.world import (
+    PodKey,
+    PodView,
+    World,
+    namespace_labels,
+    node_addresses,
+    pod_namespaces,
+    pod_view,
+)
 from agent.calc.snapshot import Snapshot
 from agent.calc.state import IpSet
 from datastore import model as m
@@ -194,13 +202,21 @@ class PolicyCompiler:
         self._eps: dict[tuple[str, str, str, str], m.Endpoint] = {}
         self._eps_by_pod: dict[PodKey, dict[tuple[str, str, str, str], m.Endpoint]] = {}
         self._namespaces: dict[str, m.Namespace] = {}
+        self._pod_ns: set[str] | None = None
 
     def update(self, snap: Snapshot) -> Compiled:
-        ns_labels = namespace_labels(snap)
+        changed_pods = self._pod_changes(snap)
+        # Pods' namespaces can only change when a pod or endpoint appears or goes: scanning 50 000 keys for them
+        # on every update would cost more than the rest of an incremental compile.
+        appeared_or_gone = any(k not in snap.pods or k not in self._pods for k in changed_pods) or any(
+            ek not in snap.endpoints or ek not in self._eps for eks in changed_pods.values() for ek in eks
+        )
+        if appeared_or_gone or self._pod_ns is None:
+            self._pod_ns = pod_namespaces(snap)
+        ns_labels = namespace_labels(snap, self._pod_ns)
         changed_ns = ns_labels != self.world.ns_labels or any(
             self._namespaces.get(k) is not v for k, v in snap.namespaces.items()
         )
-        changed_pods = self._pod_changes(snap)
         if changed_ns or len(changed_pods) > REBUILD_THRESHOLD:
             self._reset()
             self.world = World.from_snapshot(snap)
@@ -218,10 +234,7 @@ class PolicyCompiler:
             old = self._entries.get(key)
             if old is not None and old.source is new:
                 continue
-            if old is not None:
-                self._drop_policy(key)
-            if new is not None:
-                self._add_policy(key, new)
+            self._set_policy(key, new)
         for name in self._dirty_sets:
             d = self._sets.get(name)
             if d is not None:
@@ -276,30 +289,39 @@ class PolicyCompiler:
 
     # --- policies ----------------------------------------------------------------------------------------------
 
-    def _drop_policy(self, key: tuple[str, str]) -> None:
-        e = self._entries.pop(key)
-        self._by_ns[key[0]].discard(key)
-        for pod in e.compiled.selected:
-            self._out.selecting.get(pod, set()).discard(key)
-        for name in e.sets:
-            d = self._sets[name]
-            d.refs -= 1
-            if d.refs == 0:
-                del self._sets[name]
-                self._out.ipsets.pop(name, None)
-                self._dirty_sets.discard(name)
-        del self._out.policies[key]
-        del self._out.statuses[key]
-
-    def _add_policy(self, key: tuple[str, str], pol: m.Policy) -> None:
-        used: list[str] = []
-        cp, selector = self._compile(pol, used)
-        self._entries[key] = _Entry(pol, cp, selector, used)
+    def _set_policy(self, key: tuple[str, str], pol: m.Policy | None) -> None:
+        """Install, replace or remove a policy. The new version takes its set references before the old one
+        releases its own, so a set both use is kept, not emptied and refilled."""
+        new: _Entry | None = None
+        if pol is not None:
+            used: list[str] = []
+            cp, selector = self._compile(pol, used)
+            new = _Entry(pol, cp, selector, used)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            for pod in old.compiled.selected:
+                self._out.selecting.get(pod, set()).discard(key)
+            for name in old.sets:
+                d = self._sets[name]
+                d.refs -= 1
+                if d.refs == 0:
+                    del self._sets[name]
+                    self._out.ipsets.pop(name, None)
+                    self._dirty_sets.discard(name)
+        if new is None:
+            self._by_ns[key[0]].discard(key)
+            self._out.policies.pop(key, None)
+            self._out.statuses.pop(key, None)
+            return
+        self._entries[key] = new
         self._by_ns.setdefault(key[0], set()).add(key)
-        for pod in cp.selected:
+        for pod in new.compiled.selected:
             self._out.selecting.setdefault(pod, set()).add(key)
-        self._out.policies[key] = cp
-        self._out.statuses[key] = PolicyStatus(pol.namespace, pol.name, cp.error is None, cp.error or "")
+        self._out.policies[key] = new.compiled
+        status = PolicyStatus(
+            new.source.namespace, new.source.name, new.compiled.error is None, new.compiled.error or ""
+        )
+        self._out.statuses[key] = status
 
     def _compile(self, pol: m.Policy, used: list[str]) -> tuple[CompiledPolicy, Selector]:
         ident = f"{pol.namespace}/{pol.name}"

@@ -61,10 +61,15 @@ def pod_view(key: PodKey, pod: m.Pod | None, endpoints: Iterable[m.Endpoint]) ->
     return PodView(pod.namespace, pod.name, dict(pod.labels), ips, node, pod.named_ports)
 
 
-def namespace_labels(snap: Snapshot) -> dict[str, dict[str, str]]:
-    """Every namespace that exists or is implied (by a pod, an endpoint or a policy in it), with its labels."""
-    names = set(snap.namespaces) | {k[0] for k in snap.pods} | {k[0] for k in snap.policies}
-    names |= {k[1] for k in snap.endpoints}
+def pod_namespaces(snap: Snapshot) -> set[str]:
+    return {k[0] for k in snap.pods} | {k[1] for k in snap.endpoints}
+
+
+def namespace_labels(snap: Snapshot, pod_ns: set[str] | None = None) -> dict[str, dict[str, str]]:
+    """Every namespace that exists or is implied (by a pod, an endpoint or a policy in it), with its labels.
+    ``pod_ns``: the namespaces of pods and endpoints, when the caller knows them already."""
+    names = set(snap.namespaces) | {k[0] for k in snap.policies}
+    names |= pod_namespaces(snap) if pod_ns is None else pod_ns
     out = {}
     for ns in names:
         stored = snap.namespaces.get(ns)
