@@ -115,9 +115,15 @@ class RouteWriter:
                     result.failed[cidr] = f"kernel refused: {exc}"
                     continue
                 result.changed += 1
-                cur = _lookup(self.nl, cidr)
+                cur = None  # the kernel picked the device: read it back below
             dev = names.get(cur.oif) if cur is not None and cur.oif is not None else route.dev
             result.programmed[cidr] = Programmed(route, dev)
+        if result.changed:
+            after = self.dump()  # one dump, not one per written route: a first pass may write thousands
+            for cidr, done in result.programmed.items():
+                kr = after.get(cidr)
+                if done.dev is None and kr is not None and kr.oif is not None:
+                    result.programmed[cidr] = Programmed(done.route, names.get(kr.oif))
         if in_sync:
             learned_ok = in_sync if learned_in_sync is None else learned_in_sync
             self._remove_stale(have, routes, names, result, learned_ok=learned_ok, withdrawn=set(withdrawn))
