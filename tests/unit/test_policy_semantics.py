@@ -330,6 +330,13 @@ def test_every_case_checks_allowed_and_denied() -> None:
         assert {c[3] for c in checks} == {True, False}, name
 
 
+def test_pod_to_itself_is_allowed_even_when_isolated() -> None:
+    c = compile_policies(snapshot(policy("nsa", "deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})))
+    v = explain(c, resolve_side(c, "nsa/a1"), resolve_side(c, "nsa/a1"), "TCP", 80)
+    assert v.allowed and "itself" in v.reason
+    assert not explain(c, resolve_side(c, "nsa/a1"), resolve_side(c, "nsa/a2"), "TCP", 80).allowed
+
+
 def test_matrix_agrees_with_explain() -> None:
     snap = snapshot(policy("nsa", "npa", ing({"from": [{"podSelector": {}}]})))
     c = compile_policies(snap)

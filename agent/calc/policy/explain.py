@@ -165,6 +165,8 @@ def parse_port(text: str) -> tuple[int, str]:
 
 
 def explain(c: Compiled, src: Side, dst: Side, protocol: str, port: int) -> Verdict:
+    if src.pod is not None and src.pod == dst.pod:
+        return Verdict(src, dst, protocol, port, True, "a pod reaching itself never leaves its network namespace")
     if dst.pod is not None:
         dst_node = c.world.pods[dst.pod].node
         if src.pod is None and dst_node is not None and src.ip in c.world.node_addresses.get(dst_node, ()):
