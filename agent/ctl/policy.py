@@ -1,4 +1,4 @@
-"""`agentctl policy explain|matrix|status`, `agentctl apply -f` and `agentctl get` (etcd datastore mode).
+"""`agentctl policy explain|matrix|status`, `agentctl apply|delete -f` and `agentctl get` (etcd datastore mode).
 
 Every answer comes from the same pure compiler the agent runs, over a snapshot read from etcd at one revision.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -145,6 +146,13 @@ def status_cmd(ctl: CtlContext, show_all: bool, output: str) -> None:
 # --- agentctl apply / get ----------------------------------------------------------------------------------------
 
 
+def _read(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 @click.command("apply")
 @click.option("-f", "--filename", "path", required=True, help="A YAML/JSON manifest file, or - for stdin.")
 @click.option("-n", "--namespace", default="default", show_default=True, help="For objects that name none.")
@@ -152,10 +160,7 @@ def status_cmd(ctl: CtlContext, show_all: bool, output: str) -> None:
 def apply_cmd(ctl: CtlContext, path: str, namespace: str) -> None:
     """Write NetworkPolicies, Namespaces and Pods from Kubernetes manifests into the datastore. Every document is
     checked first: an invalid one writes nothing."""
-    try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
-    except OSError as exc:
-        raise click.ClickException(f"{path}: {exc.strerror}") from None
+    text = _read(path)
     with _errors():
         objects = parse_manifests(text, namespace)
         store = Store(ctl.client)
@@ -167,6 +172,20 @@ def apply_cmd(ctl: CtlContext, path: str, namespace: str) -> None:
                 store.put(obj)
                 verb = "created" if current is None else "configured"
             click.echo(f"{kind_of(obj)} {ident_of(obj)} {verb}")
+
+
+@click.command("delete")
+@click.option("-f", "--filename", "path", required=True, help="A YAML/JSON manifest file, or - for stdin.")
+@click.option("-n", "--namespace", default="default", show_default=True, help="For objects that name none.")
+@pass_ctl
+def delete_cmd(ctl: CtlContext, path: str, namespace: str) -> None:
+    """Delete the objects a manifest names (only their identity is read, so an invalid policy can be deleted)."""
+    text = _read(path)
+    with _errors():
+        objects = parse_manifests(text, namespace, validate=False)
+        for obj in objects:
+            gone = ctl.client.delete(codec.key_of(obj).path)
+            click.echo(f"{kind_of(obj)} {ident_of(obj)} {'deleted' if gone else 'not found'}")
 
 
 RESOURCES = {
@@ -242,4 +261,4 @@ def _selector_text(raw: Any) -> str:
         return "<invalid>"
 
 
-COMMANDS = [policy_group, apply_cmd, get_cmd]
+COMMANDS = [policy_group, apply_cmd, delete_cmd, get_cmd]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
@@ -187,6 +188,22 @@ def test_status_lists_rejected_policies(etcd_server: EtcdServer, etcd: EtcdClien
         ).output
     )
     assert v["allowed"] is True and v["ingress"]["rejected"] == ["nsa/broken"]
+
+
+def test_delete_removes_what_the_manifest_names(etcd_server: EtcdServer, etcd: EtcdClient, tmp_path: Path) -> None:
+    assert apply_text(etcd_server, CLUSTER + "---\n" + SEED_3).exit_code == 0
+    # A policy stored past validation can still be deleted by name.
+    Store(etcd).put(m.Policy("nsa", "broken", {"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]}))
+    manifest = tmp_path / "del.yaml"
+    manifest.write_text(SEED_3 + "---\n" + SEED_3.replace("name: npa", "name: broken").replace("6379", "0"))
+    res = run(etcd_server, "delete", "-f", str(manifest))
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == ["networkpolicy nsa/npa deleted", "networkpolicy nsa/broken deleted"]
+    assert run(etcd_server, "delete", "-f", str(manifest)).output.splitlines()[0] == "networkpolicy nsa/npa not found"
+    assert etcd.get_prefix(k.POLICIES_PREFIX)[0] == []
+    assert len(etcd.get_prefix(k.PODS_PREFIX)[0]) == 3
+    missing = run(etcd_server, "apply", "-f", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 1 and "No such file or directory" in missing.output
 
 
 def test_etcd_down_is_a_clear_error(etcd_server: EtcdServer, etcd: EtcdClient) -> None:

@@ -262,6 +262,8 @@ class PolicyCompiler:
                 eps.pop(ek, None)
             else:
                 eps[ek] = ep
+        if not eps:
+            del self._eps_by_pod[key]
         old = self.world.remove(key)
         new = pod_view(key, pod, eps.values())
         if new is not None:
