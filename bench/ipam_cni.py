@@ -38,6 +38,7 @@ from testbed.netns import NetnsBed
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = "/run/lock/podnet-netns.lock"
 PLUGIN = str(Path(sys.executable).parent / "podnet-cni")
+LEAN = [sys.executable, "-I", "-S", str(ROOT / "cni" / "main.py")]
 
 ALLOCATOR = r"""
 import sys, time
@@ -69,8 +70,20 @@ def startup_ms(module: str, runs: int = 10) -> float:
     return statistics.median(times) * 1000
 
 
-def cni_call(command: str, conf: dict[str, object], cid: str, netns: str, name: str) -> tuple[float, int, str]:
+def startup_ms_cmd(cmd: list[str], runs: int = 10) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=False, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def cni_call(
+    client: list[str], command: str, conf: dict[str, object], *, cid: str, netns: str, name: str, sock: str
+) -> tuple[float, int, str]:
     env = {
+        "PODNET_CNI_SOCKET": sock,
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": cid,
@@ -79,12 +92,12 @@ def cni_call(command: str, conf: dict[str, object], cid: str, netns: str, name: 
         "CNI_ARGS": f"K8S_POD_NAMESPACE=bench;K8S_POD_NAME={name}",
     }
     t = time.perf_counter()
-    proc = subprocess.run([PLUGIN], input=json.dumps(conf).encode(), env=env, capture_output=True, check=False)
+    proc = subprocess.run(client, input=json.dumps(conf).encode(), env=env, capture_output=True, check=False)
     return time.perf_counter() - t, proc.returncode, proc.stdout.decode()
 
 
 def add_round(
-    bed: NetnsBed, server: EtcdServer, pods: int, concurrency: int, *, use_server: bool, tag: str
+    bed: NetnsBed, server: EtcdServer, pods: int, concurrency: int, *, client: list[str], use_server: bool, tag: str
 ) -> dict[str, float]:
     underlay = bed.underlay()
     node = bed.node(f"n{tag}", underlay, 11)
@@ -96,7 +109,6 @@ def add_round(
         "etcdEndpoints": [server.endpoint],
         "nodeName": f"bench-{tag}",
         "hostNetns": f"/var/run/netns/{node.ns.name}",
-        "serverSocket": sock,
     }
     sandboxes = [bed.netns(f"{tag}p{i}") for i in range(pods)]
     proc = None
@@ -108,7 +120,15 @@ def add_round(
     try:
 
         def add(i: int) -> tuple[float, int, str]:
-            return cni_call("ADD", conf, f"{tag}c{i}", f"/var/run/netns/{sandboxes[i].name}", f"p{i}")
+            return cni_call(
+                client,
+                "ADD",
+                conf,
+                cid=f"{tag}c{i}",
+                netns=f"/var/run/netns/{sandboxes[i].name}",
+                name=f"p{i}",
+                sock=sock,
+            )
 
         t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -122,7 +142,15 @@ def add_round(
         lat = [x[0] * 1000 for x in results]
 
         def delete(i: int) -> tuple[float, int, str]:
-            return cni_call("DEL", conf, f"{tag}c{i}", f"/var/run/netns/{sandboxes[i].name}", f"p{i}")
+            return cni_call(
+                client,
+                "DEL",
+                conf,
+                cid=f"{tag}c{i}",
+                netns=f"/var/run/netns/{sandboxes[i].name}",
+                name=f"p{i}",
+                sock=sock,
+            )
 
         t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
@@ -183,15 +211,24 @@ def main() -> None:
     fcntl.flock(lock, fcntl.LOCK_EX)
     thin = startup_ms("cni.main")
     full = startup_ms("cni.plugin")
+    lean = startup_ms_cmd([sys.executable, "-I", "-S", "-c", "import _socket, os, sys"])
     server = EtcdServer().start()
     rows = []
     try:
         with EtcdClient([server.endpoint]) as client:
             add_pool(Store(client), IPPool("10.244.0.0/16"))
-        with NetnsBed() as bed:
-            srv = add_round(bed, server, args.pods, args.concurrency, use_server=True, tag="s")
-        with NetnsBed() as bed:
-            one = add_round(bed, server, args.pods, args.concurrency, use_server=False, tag="o")
+        rounds = [
+            ("server, standalone lean client (`python3 -I -S cni/main.py`)", LEAN, True),
+            ("server, console-script client (`podnet-cni`)", [PLUGIN], True),
+            ("one-shot, no server (`podnet-cni`)", [PLUGIN], False),
+        ]
+        measured = []
+        for i, (label, client, use_server) in enumerate(rounds):
+            with NetnsBed() as bed:
+                r = add_round(
+                    bed, server, args.pods, args.concurrency, client=client, use_server=use_server, tag=f"r{i}"
+                )
+            measured.append((label, r))
         with EtcdClient([server.endpoint]) as client:
             client.delete_prefix("/podnet/v1/ipam/")
             add_pool(Store(client), IPPool("10.244.0.0/16"))
@@ -199,7 +236,7 @@ def main() -> None:
         rate2 = alloc_rate(server, 4, 2, args.alloc_per_proc)
     finally:
         server.stop()
-    for label, r in (("server (podnet-cni serve)", srv), ("one-shot (no server)", one)):
+    for label, r in measured:
         rows.append(
             f"| {label} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['max']:.0f} ms | {r['wall']:.2f} s | "
             f"{r['del_p99']:.0f} ms | {r['del_wall']:.2f} s |"
@@ -210,8 +247,9 @@ def main() -> None:
             f"### IPAM and CNI, {time.strftime('%Y-%m-%d %H:%M')} ({cpus} CPUs, etcd 3.4 on loopback, "
             f"{args.pods} pods on one node, {args.concurrency} concurrent)",
             "",
-            f"Process start-up: thin client `import cni.main` {thin:.0f} ms; "
-            f"whole plugin `import cni.plugin` {full:.0f} ms.",
+            f"Process start-up (median of 10): `python -c 'import cni.main'` {thin:.0f} ms, "
+            f"`python -c 'import cni.plugin'` {full:.0f} ms, "
+            f"`python -I -S` with the lean client's imports {lean:.0f} ms.",
             "",
             f"| CNI mode | ADD p50 | ADD p99 | ADD max | {args.pods} pods networked | DEL p99 | {args.pods} DELs |",
             "|---|---|---|---|---|---|---|",

@@ -1,8 +1,8 @@
 """`podnet-cni serve`: the node-local CNI server. It runs the same ``cni.plugin.run`` as the one-shot plugin, with
 etcd connections, IPAM block caches and per-node allocation locks kept warm across requests.
 
-One request per connection: the client sends a JSON object {"env": {...}, "stdin": "..."} and closes its write
-side; the server answers {"code", "stdout", "stderr"}. The socket is created mode 0600 (root only: whoever can talk
+One request per connection: the client sends its env and stdin (format in ``cni.main``) and closes its write side;
+the server answers exit code, stdout and stderr. The socket is created mode 0600 (root only: whoever can talk
 to it can wire pods).
 """
 
@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
 import socketserver
 import threading
 from pathlib import Path
-from typing import Any
 
-from cni.main import DEFAULT_SOCKET
+from cni.main import DEFAULT_SOCKET, MAGIC
 from cni.plugin import Clients, Outcome, run
 
 log = logging.getLogger(__name__)
@@ -31,18 +29,35 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         raw = self.rfile.read(MAX_REQUEST)
-        try:
-            request: Any = json.loads(raw)
-            env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-            stdin = str(request["stdin"]).encode("utf-8", "surrogateescape")
-        except (ValueError, KeyError, TypeError) as exc:
-            outcome = Outcome(1, json.dumps({"cniVersion": "1.1.0", "code": 6, "msg": f"bad request: {exc}"}) + "\n")
+        parsed = parse_request(raw)
+        if parsed is None:
+            outcome = Outcome(1, '{"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the CNI server"}\n')
         else:
+            env, stdin = parsed
             outcome = run(env, stdin, self.server.clients)
             log.info("%s %s -> %d", env.get("CNI_COMMAND", "?"), env.get("CNI_CONTAINERID", "-"), outcome.code)
-        self.wfile.write(
-            json.dumps({"code": outcome.code, "stdout": outcome.stdout, "stderr": outcome.stderr}).encode()
-        )
+        out = outcome.stdout.encode()
+        self.wfile.write(b"%d %d\n" % (outcome.code, len(out)) + out + outcome.stderr.encode())
+
+
+def parse_request(raw: bytes) -> tuple[dict[str, str], bytes] | None:
+    """The client's env and stdin (see ``cni.main`` for the format), or None if malformed."""
+    if not raw.startswith(MAGIC):
+        return None
+    body = raw[len(MAGIC) :]
+    env: dict[str, str] = {}
+    pos = 0
+    while True:
+        end = body.find(b"\0", pos)
+        if end < 0:
+            return None
+        if end == pos:
+            return env, body[end + 1 :]
+        key, sep, value = body[pos:end].decode("utf-8", "replace").partition("=")
+        if not sep:
+            return None
+        env[key] = value
+        pos = end + 1
 
 
 class CniServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -26,7 +26,9 @@ from testbed.wait import eventually
 
 pytestmark = pytest.mark.netns
 
-PLUGIN = str(Path(sys.executable).parent / "podnet-cni")
+PLUGIN = str(Path(sys.executable).parent / "podnet-cni")  # the installed console script
+# The same client as a standalone script, started the lean way (no site, no package): how a node installs it.
+LEAN = [sys.executable, "-I", "-S", str(Path(__file__).resolve().parents[2] / "cni" / "main.py")]
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Cni:
     node: Node
     endpoint: str
     socket: str
+    client: tuple[str, ...] = (PLUGIN,)
 
     def conf(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -51,14 +54,14 @@ class Cni:
             "nodeName": self.node.name,
             "mtu": 1400,
             "hostNetns": f"/var/run/netns/{self.node.ns.name}",
-            "serverSocket": self.socket,
             **extra,
         }
 
     def call(self, command: str, pod: Netns | None = None, cid: str = "", name: str = "", *, stdin: bytes | None = None,
              conf: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Call:  # fmt: skip
         environ = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_IFNAME": "eth0",
-                   "CNI_PATH": "/opt/cni/bin"}  # fmt: skip
+                   "CNI_PATH": "/opt/cni/bin", "PODNET_CNI_SOCKET": self.socket,
+                   "PODNET_CNI_FALLBACK": PLUGIN}  # fmt: skip
         if cid:
             environ["CNI_CONTAINERID"] = cid
         if pod is not None:
@@ -67,7 +70,7 @@ class Cni:
             environ["CNI_ARGS"] = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=nsa;K8S_POD_NAME={name}"
         environ.update(env or {})
         data = stdin if stdin is not None else json.dumps(conf or self.conf()).encode()
-        proc = subprocess.run([PLUGIN], input=data, env=environ, capture_output=True, timeout=60, check=False)
+        proc = subprocess.run(list(self.client), input=data, env=environ, capture_output=True, timeout=60, check=False)
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
         return Call(proc.returncode, out, proc.stderr.decode())
 
@@ -162,6 +165,7 @@ def test_add_ping_del_one_shot(cni: Cni, netns_bed: NetnsBed, etcd: EtcdClient) 
 def test_add_ping_del_through_the_server(
     cni: Cni, server: subprocess.Popen[str], netns_bed: NetnsBed, etcd: EtcdClient
 ) -> None:
+    cni.client = tuple(LEAN)
     add_two_pods_ping_and_delete(cni, netns_bed, etcd)
     server.terminate()
     _, err = server.communicate(timeout=10)
@@ -212,6 +216,11 @@ def test_check_status_gc_version(cni: Cni, netns_bed: NetnsBed, etcd: EtcdClient
     version = cni.call("VERSION", stdin=b"")
     assert version.code == 0 and "1.0.0" in version.out["supportedVersions"]
     assert cni.call("STATUS", conf=cni.conf(cniVersion="1.1.0")).code == 0
+    cni.client = tuple(LEAN)  # standalone and no server: it hands over to the installed plugin
+    assert cni.call("STATUS", conf=cni.conf(cniVersion="1.1.0")).code == 0
+    lean_error = cni.call("STATUS", conf=cni.conf(etcdEndpoints=["127.0.0.1:1"]))
+    assert lean_error.code == 1 and lean_error.out["code"] == 50
+    cni.client = (PLUGIN,)
     pa, pb = netns_bed.netns("pa"), netns_bed.netns("pb")
     assert cni.call("ADD", pa, "ctr-a", "a").code == 0
     b = cni.call("ADD", pb, "ctr-b", "b")
