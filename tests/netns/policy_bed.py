@@ -76,32 +76,43 @@ class Cluster:
     # One incremental compiler per node, kept across programs, as the agent keeps it across snapshots.
     compilers: dict[str, PolicyCompiler] = field(default_factory=dict)
 
+    # The models of the cluster, made once: like the agent's cache, unchanged objects stay the same objects from one
+    # snapshot to the next, so the compilers take their incremental path.
+    _models: dict[str, Any] = field(default_factory=dict)
+
     def snapshot(self, policies: list[m.Policy]) -> Snapshot:
-        pods = {}
-        endpoints = {}
-        for key, pod in self.pods.items():
-            ns, name = key.split("/")
-            pods[(ns, name)] = m.Pod(
-                ns, name, self.labels[key], (pod.ip,), pod.node.name, self.named_ports.get(key, ())
-            )
-            ep = m.Endpoint(pod.node.name, ns, name, "eth0", pod.host_iface, (f"{pod.ip}/32",))
-            endpoints[(pod.node.name, ns, name, "eth0")] = ep
+        if not self._models:
+            pods: dict[tuple[str, str], m.Pod] = {}
+            endpoints: dict[tuple[str, str, str, str], m.Endpoint] = {}
+            for key, pod in self.pods.items():
+                ns, name = key.split("/")
+                ports = self.named_ports.get(key, ())
+                pods[(ns, name)] = m.Pod(ns, name, self.labels[key], (pod.ip,), pod.node.name, ports)
+                ep = m.Endpoint(pod.node.name, ns, name, "eth0", pod.host_iface, (f"{pod.ip}/32",))
+                endpoints[(pod.node.name, ns, name, "eth0")] = ep
+            self._models = {
+                "pods": pods,
+                "endpoints": endpoints,
+                "nodes": {n: m.Node(n, node.ip) for n, node in self.nodes.items()},
+                "namespaces": {ns: m.Namespace(ns, labels) for ns, labels in self.ns_labels.items()},
+            }
         return Snapshot(
             revision=1,
             in_sync=True,
-            nodes={n: m.Node(n, node.ip) for n, node in self.nodes.items()},
-            namespaces={ns: m.Namespace(ns, labels) for ns, labels in self.ns_labels.items()},
-            pods=pods,
+            nodes=dict(self._models["nodes"]),
+            namespaces=dict(self._models["namespaces"]),
+            pods={k: v for k, v in self._models["pods"].items() if f"{k[0]}/{k[1]}" in self.pods},
             policies={(p.namespace, p.name): p for p in policies},
-            endpoints=endpoints,
+            endpoints={k: v for k, v in self._models["endpoints"].items() if f"{k[1]}/{k[2]}" in self.pods},
         )
 
     def program(self, policies: list[m.Policy]) -> None:
         """Compile for each node and sync its kernel (a full sync, as after a restart)."""
         snap = self.snapshot(policies)
         for name, writer in self.writers.items():
-            compiler = self.compilers.setdefault(name, PolicyCompiler())
-            writer.apply(compile_node(snap, name, compiler).state, full=True, delete_stale=True)
+            state = compile_node(snap, name, self.compilers.setdefault(name, PolicyCompiler())).state
+            assert state == compile_node(snap, name).state  # the incremental path gives the fresh result
+            writer.apply(state, full=True, delete_stale=True)
 
     def source(self, who: str) -> Netns:
         """A pod ("ns/name"), a node (by name or address), or an outside host ("outside" or its address)."""
