@@ -7,7 +7,7 @@ the checkout; each run is one boot, one pytest process. The guest writes pytest'
 read-write share; the host returns that status and copies the report. Standard library only: this runs before and
 outside the project's venv.
 
-    python3 tests/vm/runner.py [--junitxml FILE] [--timeout S] [-- PYTEST ARGS]   (default selection: tests/vm)
+    python3 tests/vm/runner.py [--junitxml FILE] [--timeout S] [-- PYTEST ARGS]   (default: -m needs_ipip tests)
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ META_PACKAGE = "linux-image-amd64"  # Debian's generic kernel (the cloud flavour
 BUSYBOX = Path("/bin/busybox")  # from busybox-static: the initramfs needs a binary with no shared libraries
 # What stage 1 needs to mount the host root; everything else loads on demand from the module tree.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+# Every test that needs IPIP, wherever it lives; the netns suite's other tests stay on the host.
+DEFAULT_SELECTION = ["-q", "-rs", "-m", "needs_ipip", "tests/vm", "tests/netns"]
 NO_RESULT = 125  # our status when the guest produced no result (crash, hang, boot failure)
 
 
@@ -293,9 +295,13 @@ def main(argv: list[str]) -> int:
         default=os.environ.get("PODNET_VM_LOG_DIR", str(CACHE / "logs")),
         help="where the guest console is saved when the run fails",
     )
-    parser.add_argument("pytest_args", nargs="*", help="pytest arguments, inside the guest (default: tests/vm)")
+    parser.add_argument(
+        "pytest_args",
+        nargs="*",
+        help="pytest arguments, inside the guest (default: the needs_ipip tests of tests/vm and tests/netns)",
+    )
     args = parser.parse_args(argv)
-    pytest_args = args.pytest_args or ["-q", "tests/vm"]
+    pytest_args = args.pytest_args or DEFAULT_SELECTION
     if not os.access(args.python, os.X_OK):
         raise SystemExit(f"vm-test: no interpreter at {args.python} (run scripts/bootstrap, or pass --python)")
 
