@@ -86,6 +86,7 @@ class PolicySyncer:
         if not self._cleaned:
             # The first full sync is in: now what is not desired is stale and may go.
             self._cleaned = True
+        if result.stale_found:
             cleanup = self.dataplane.apply(desired.state, delete_stale=True)
             result.chains_deleted += cleanup.chains_deleted
             result.jumps_fixed += cleanup.jumps_fixed

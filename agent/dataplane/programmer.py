@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from agent.calc.state import DataplaneState
+from agent.calc.state import DataplaneState, IpSet
 from agent.dataplane.backend import Backend, detect
 from agent.dataplane.cmd import Runner
 from agent.dataplane.ipset import Ipset
@@ -39,6 +39,7 @@ class SyncResult:
     sets_changed: int = 0
     sets_rebuilt: list[str] = field(default_factory=list)
     sets_destroyed: int = 0
+    stale_found: int = 0  # stale chains, jumps and sets seen and left for a cleanup pass
 
     @property
     def wrote(self) -> bool:
@@ -59,10 +60,12 @@ class PolicyDataplane:
         self._chains: dict[str, dict[str, tuple[str, ...]]] | None = None
         self._jumps: set[tuple[str, str]] = set()  # (table, built-in chain) holding a podnet jump
         self._sets: dict[str, KernelSet] | None = None
+        self._written_sets: dict[str, IpSet] = {}  # the desired sets as last written, to skip unchanged ones
 
     def forget(self) -> None:
         self._chains = None
         self._sets = None
+        self._written_sets = {}
 
     def apply(self, desired: DataplaneState, full: bool = False, delete_stale: bool = False) -> SyncResult:
         check_names(desired.tables, desired.ipsets)
@@ -100,7 +103,11 @@ class PolicyDataplane:
                 known = {c for t, c in self._jumps if t == table}
                 builtin[table] = self.iptables.list_chains(table, sorted(wanted | known))
 
-        ipset_plan = plan_ipsets(desired.ipsets, sets, delete_stale)
+        unchanged = (
+            frozenset() if full else frozenset(n for n, s in desired.ipsets.items() if self._written_sets.get(n) == s)
+        )
+        ipset_plan = plan_ipsets(desired.ipsets, sets, delete_stale, unchanged)
+        result.stale_found += ipset_plan.stale_found
         self.ipset.restore(ipset_plan.text)
         changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
         result.sets_changed = changed
@@ -124,6 +131,7 @@ class PolicyDataplane:
             result.chains_written += [f"{table}/{c}" for c in plan.chains_written]
             result.chains_deleted += [f"{table}/{c}" for c in plan.chains_deleted]
             result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
+            result.stale_found += plan.stale_found
             jumps = {(t, c) for t, c in jumps if t != table}
             jumps |= {(j.table, j.chain) for j in desired.jumps if j.table == table}
             if not delete_stale:  # stale jumps stay until cleanup: remember where they are
@@ -135,3 +143,4 @@ class PolicyDataplane:
         self._chains = chains
         self._jumps = jumps
         self._sets = sets
+        self._written_sets = dict(desired.ipsets)

@@ -9,6 +9,7 @@ breaks the sequence and the chain is rewritten on the next full resync.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -42,6 +43,7 @@ class RenderError(ValueError):
 # iptables
 
 
+@functools.lru_cache(maxsize=32768)  # chains rarely change between syncs; sha256 of every rule is the hot part
 def rule_hashes(chain: Chain) -> tuple[str, ...]:
     out: list[str] = []
     prev = chain.name
@@ -133,6 +135,7 @@ class TablePlan:
     chains_written: tuple[str, ...]
     chains_deleted: tuple[str, ...]
     jumps_fixed: tuple[str, ...]  # built-in chains whose podnet jump was (re)inserted or removed
+    stale_found: int = 0  # stale chains and jumps seen and left in place (delete_stale False)
 
 
 def plan_table(
@@ -154,7 +157,8 @@ def plan_table(
     """
     want = {name: rule_hashes(chain) for name, chain in desired.items()}
     changed = sorted(name for name, hashes in want.items() if current_chains.get(name) != hashes)
-    stale = sorted(set(current_chains) - set(want)) if delete_stale else []
+    all_stale = sorted(set(current_chains) - set(want))
+    stale = all_stale if delete_stale else []
     wanted_jumps = {j.chain: j for j in jumps if j.table == table}
     for chain in wanted_jumps:
         if chain not in BUILTIN_CHAINS[table]:
@@ -162,11 +166,14 @@ def plan_table(
 
     jump_lines: list[str] = []
     fixed: list[str] = []
+    stale_jumps = 0
     for chain in sorted(set(builtin) | set(wanted_jumps)):
         rules = builtin.get(chain, [])
         ours = [r for r in rules if is_our_jump(r)]
         jump = wanted_jumps.get(chain)
         if jump is None:
+            if ours and not delete_stale:
+                stale_jumps += 1
             if not delete_stale or not ours:
                 continue
         elif len(ours) == 1 and rules and rules[0] == ours[0] and _same_rule(ours[0], jump.rule):
@@ -175,8 +182,9 @@ def plan_table(
         if jump is not None:
             jump_lines.append(f"-I {chain} 1 {jump.rule}")
         fixed.append(chain)
+    left = 0 if delete_stale else len(all_stale) + stale_jumps
     if not changed and not stale and not jump_lines:
-        return TablePlan(table, "", (), (), ())
+        return TablePlan(table, "", (), (), (), left)
     lines = [f"*{table}"]
     lines += [f":{name} - [0:0]" for name in [*changed, *stale]]
     for name in changed:
@@ -185,7 +193,7 @@ def plan_table(
     lines += jump_lines
     lines += [f"-X {name}" for name in stale]
     lines.append("COMMIT")
-    return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed))
+    return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed), left)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,6 +211,8 @@ class KernelSet:
 
 def normalize_member(set_type: str, member: str) -> str:
     """The form ``ipset save`` prints: single spaces, lower-case protocol, no /32 (/128) on a host in a net set."""
+    if set_type == "hash:ip" and " " not in member and "/" not in member:
+        return member  # the common case, already canonical: keep 50 000-member sets cheap
     parts = member.split()
     if not parts:
         raise RenderError("empty ipset member")
@@ -257,13 +267,24 @@ class IpsetPlan:
     destroy_text: str  # destroys of stale sets, run after iptables no longer references them
     written: dict[str, KernelSet]  # the state of every desired set after `text` succeeds
     rebuilt: tuple[str, ...]
+    stale_found: int = 0  # stale sets seen and left in place (delete_stale False)
 
 
-def plan_ipsets(desired: Mapping[str, IpSet], current: Mapping[str, KernelSet], delete_stale: bool) -> IpsetPlan:
+def plan_ipsets(
+    desired: Mapping[str, IpSet],
+    current: Mapping[str, KernelSet],
+    delete_stale: bool,
+    unchanged: frozenset[str] = frozenset(),
+) -> IpsetPlan:
+    """``unchanged``: desired sets known to be exactly as last written (their ``current`` entry is trusted without
+    comparing members, which is what keeps a one-pod change cheap when sets hold tens of thousands of members)."""
     lines: list[str] = []
     written: dict[str, KernelSet] = {}
     rebuilt: list[str] = []
     for name in sorted(desired):
+        if name in unchanged and name in current:
+            written[name] = current[name]
+            continue
         ips = desired[name]
         members = frozenset(normalize_member(ips.type, m) for m in ips.members)
         have = current.get(name)
@@ -291,7 +312,8 @@ def plan_ipsets(desired: Mapping[str, IpSet], current: Mapping[str, KernelSet], 
             lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
             rebuilt.append(name)
         written[name] = KernelSet(name, ips.type, ips.family, maxelem, members)
-    stale = sorted(set(current) - set(desired)) if delete_stale else []
+    all_stale = sorted(set(current) - set(desired))
+    stale = all_stale if delete_stale else []
     destroy = "".join(f"destroy {name}\n" for name in stale)
     text = "\n".join(lines) + "\n" if lines else ""
-    return IpsetPlan(text, destroy, written, tuple(rebuilt))
+    return IpsetPlan(text, destroy, written, tuple(rebuilt), 0 if delete_stale else len(all_stale))

@@ -20,15 +20,15 @@ from tests.netns.test_dataplane_writers import PORT, chain_rules, isolate_b, mak
 
 pytestmark = pytest.mark.netns
 
-# Connects in a tight loop for a while, then prints "tries ok". The probe of the isolated pod gives up after 50 ms
-# (a dropped SYN costs that much); the allowed pod's probe waits up to 1 s, so a busy CPU is not taken for a drop.
+# Connects in a tight loop until the stop file appears, then prints "tries ok". The probe of the isolated pod gives
+# up after 50 ms (a dropped SYN costs that much); the allowed pod's probe waits up to 1 s, so that a busy CPU is not
+# taken for a drop.
 PROBER = r"""
-import socket, sys, time
-host, port, seconds, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+import os, socket, sys, time
+host, port, stop, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 print("ready", flush=True)
-end = time.monotonic() + seconds
 tries = ok = 0
-while time.monotonic() < end:
+while not os.path.exists(stop):
     s = socket.socket()
     s.settimeout(timeout)
     try:
@@ -74,12 +74,11 @@ def test_killed_writer_restarts_without_opening_anything(netns_bed: NetnsBed, tm
     writer, first = start_writer(bed.node.ns, state_file, backend)
     assert "full" in first and not first.endswith("wrote=0")
 
-    seconds = 6.0
+    stop = tmp_path / "stop"
     probers = {}
     for name, pod, timeout in (("a", bed.a, "0.05"), ("c", bed.c, "1.0")):
-        probers[name] = pod.ns.popen(sys.executable, "-c", PROBER, bed.b.ip, str(PORT), str(seconds), timeout)
+        probers[name] = pod.ns.popen(sys.executable, "-c", PROBER, bed.b.ip, str(PORT), str(stop), timeout)
         assert probers[name].stdout is not None and probers[name].stdout.readline().strip() == "ready"
-    started = time.monotonic()
 
     restarts = []
     for i in range(4):
@@ -91,18 +90,19 @@ def test_killed_writer_restarts_without_opening_anything(netns_bed: NetnsBed, tm
         kill9(bed.node.ns, writer)
         writer, line = start_writer(bed.node.ns, state_file, backend)
         restarts.append(line)
-    assert time.monotonic() - started < seconds, "restarts took longer than the probes ran"
+    time.sleep(0.3)  # probe the last restarted writer too
+    stop.touch()
 
     counts = {}
     for name, proc in probers.items():
         assert proc.stdout is not None
-        out, _ = proc.communicate(timeout=seconds + 10)
+        out, _ = proc.communicate(timeout=30)
         tries, ok = (int(x) for x in out.split())
         counts[name] = (tries, ok)
     a_tries, a_ok = counts["a"]
     c_tries, c_ok = counts["c"]
-    assert a_tries >= 50 and a_ok == 0, f"isolated pod reached {a_ok} times out of {a_tries}"
-    assert c_tries >= 50 and c_ok == c_tries, f"allowed pod refused {c_tries - c_ok} times out of {c_tries}"
+    assert a_tries >= 20 and a_ok == 0, f"isolated pod reached {a_ok} times out of {a_tries}"
+    assert c_tries >= 20 and c_ok == c_tries, f"allowed pod refused {c_tries - c_ok} times out of {c_tries}"
 
     # A restart with an unchanged state adopts: full read-back, nothing written.
     assert all("full" in line for line in restarts)
