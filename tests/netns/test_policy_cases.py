@@ -13,7 +13,7 @@ import pytest
 
 from testbed.netns import NetnsBed
 from tests.conftest import SESSION_ID
-from tests.netns.policy_bed import Cluster, build, mismatches
+from tests.netns.policy_bed import Cluster, build, listen_many, mismatches
 from tests.unit import policy_world as w
 from tests.unit.test_policy_semantics import CASES
 
@@ -31,8 +31,10 @@ def kernel_checks(checks: list[tuple[str, str, str, bool]]) -> list[tuple[str, s
 
 
 ALL_CHECKS = [c for _, _, checks in CASES for c in kernel_checks(checks)]
+NODE_IPS = ("192.168.77.11", "192.168.77.12")
 POD_PORTS = sorted({(c[2], c[3]) for c in ALL_CHECKS if c[1] in w.PODS})
-OUTSIDE_PORTS = sorted({(c[2], c[3]) for c in ALL_CHECKS if c[1] not in w.PODS})
+OUTSIDE_PORTS = sorted({(c[2], c[3]) for c in ALL_CHECKS if c[1] not in w.PODS and c[1] not in NODE_IPS})
+NODE_PORTS = sorted({(c[2], c[3]) for c in ALL_CHECKS if c[1] in NODE_IPS})
 OUTSIDE_IPS = (w.OUTSIDE, w.OUTSIDE_HIGH, "192.0.2.1")
 
 
@@ -40,7 +42,7 @@ OUTSIDE_IPS = (w.OUTSIDE, w.OUTSIDE_HIGH, "192.0.2.1")
 def cluster() -> Iterator[Cluster]:
     bed = NetnsBed(run_id=f"{SESSION_ID}pc")
     try:
-        yield build(
+        cluster = build(
             bed,
             {key: (node, ip, labels) for key, (labels, ip, node, _) in w.PODS.items()},
             w.NAMESPACES,
@@ -49,6 +51,9 @@ def cluster() -> Iterator[Cluster]:
             named_ports={key: ports for key, (_, _, _, ports) in w.PODS.items()},
             outside_ips=OUTSIDE_IPS,
         )
+        for node in cluster.nodes.values():
+            listen_many(node.ns, NODE_PORTS)
+        yield cluster
     finally:
         bed.close()
 

@@ -4,6 +4,7 @@ raise, so the model cannot silently diverge from what the compiler emits."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import shlex
 from dataclasses import dataclass, field
@@ -100,11 +101,16 @@ def _target(args: list[str]) -> tuple[str, str, list[str]]:
     return "", "", []
 
 
+@functools.lru_cache(maxsize=65536)
+def _split(rule: str) -> list[str]:
+    return shlex.split(rule)
+
+
 def run_chain(state: DataplaneState, chain: str, pkt: Packet) -> str:
     """ACCEPT, DROP, or RETURN (fell off the end / returned)."""
     for rule in state.tables["filter"][chain].rules:
         pkt.rules_seen += 1
-        args = shlex.split(rule)
+        args = _split(rule)
         if not _matches(state, args, pkt):
             continue
         how, target, rest = _target(args)
@@ -130,7 +136,7 @@ def hook(state: DataplaneState, builtin: str, pkt: Packet) -> bool:
     """True if the packet passes the built-in chain (our jump first; a RETURN falls to the default ACCEPT)."""
     for jump in state.jumps:
         if jump.chain == builtin:
-            args = shlex.split(jump.rule)
+            args = _split(jump.rule)
             pkt.rules_seen += 1
             if _matches(state, args, pkt):
                 return run_chain(state, _target(args)[1], pkt) != "DROP"

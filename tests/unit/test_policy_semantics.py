@@ -298,6 +298,15 @@ CASES: list[tuple[str, list[tuple[str, dict[str, Any]]], list[tuple[str, str, st
         ],
     ),
     (
+        "traffic to the pod's own node is always allowed",
+        [("nsa", DENY_EGRESS)],
+        [
+            ("nsa/a1", "192.168.77.11", "80", True),
+            ("nsa/a1", "192.168.77.12", "80", False),
+            ("nsa/a3", "192.168.77.12", "80", True),
+        ],
+    ),
+    (
         "a policy selects only pods of its own namespace",
         [("nsb", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})],
         [("nsa/a1", "nsa/a2", "80", True), ("nsa/a1", "nsb/b1", "80", False), ("nsb/b1", "nsa/a1", "80", False)],

@@ -1,8 +1,8 @@
 """Is a connection allowed, and why: evaluated over the same compiled rules and ipset members the kernel gets.
 
 A connection from a pod needs its pod's egress to allow it (or no policy isolating that pod for egress), and a
-connection to a pod needs that pod's ingress to allow it, wherever the two pods run. Traffic from the destination
-pod's own node is always allowed.
+connection to a pod needs that pod's ingress to allow it, wherever the two pods run. Traffic between a pod and its
+own node is always allowed, both ways (as the Kubernetes documentation says).
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ def parse_port(text: str) -> tuple[int, str]:
 def explain(c: Compiled, src: Side, dst: Side, protocol: str, port: int) -> Verdict:
     if src.pod is not None and src.pod == dst.pod:
         return Verdict(src, dst, protocol, port, True, "a pod reaching itself never leaves its network namespace")
+    if src.pod is not None and dst.pod is None:
+        src_node = c.world.pods[src.pod].node
+        if src_node is not None and dst.ip in c.world.node_addresses.get(src_node, ()):
+            return Verdict(src, dst, protocol, port, True, f"to the pod's own node {src_node}: always allowed")
     if dst.pod is not None:
         dst_node = c.world.pods[dst.pod].node
         if src.pod is None and dst_node is not None and src.ip in c.world.node_addresses.get(dst_node, ()):
