@@ -220,7 +220,8 @@ def qemu_command(kdir: Path, initramfs: Path, out: Path, memory: str) -> list[st
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("vm-test: qemu-system-x86_64 not found (scripts/vm-test installs qemu-system-x86)")
-    cmdline = "console=ttyS0 quiet panic=-1 mitigations=off"
+    # Kernel messages only on request (PODNET_VM_VERBOSE=1, for boot problems): printing them is slow under emulation.
+    cmdline = "console=ttyS0 panic=-1 mitigations=off" + ("" if os.environ.get("PODNET_VM_VERBOSE") else " quiet")
     return [
         qemu,
         "-machine", "pc",
@@ -280,16 +281,28 @@ def boot(cmd: list[str], console: Path, timeout: float) -> int | None:
     return status
 
 
+def selection(user_args: list[str]) -> list[str]:
+    """Options alone (``-x``, ``-k name``: what ``scripts/test -- ARGS`` hands every suite) refine the default
+    selection; naming a test path or node id replaces it."""
+    names_tests = any("::" in a or (not a.startswith("-") and (TOP / a).exists()) for a in user_args)
+    return user_args if names_tests else [*DEFAULT_SELECTION, *user_args]
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--junitxml", help="copy the guest's JUnit report here")
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("PODNET_VM_TIMEOUT", "540")))
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("PODNET_VM_TIMEOUT", "540")),
+        help="seconds from boot to result before the guest is killed (default 540: the tier's budget is 10 min)",
+    )
     parser.add_argument(
         "--python",
         default=os.environ.get("PODNET_VM_PYTHON", str(TOP / ".venv/bin/python")),
         help="the host venv's interpreter the guest runs pytest with (default: the checkout's .venv)",
     )
-    parser.add_argument("--memory", default=os.environ.get("PODNET_VM_MEMORY", "1536"))
+    parser.add_argument("--memory", default=os.environ.get("PODNET_VM_MEMORY", "1536"), help="guest RAM, MiB")
     parser.add_argument(
         "--log-dir",
         default=os.environ.get("PODNET_VM_LOG_DIR", str(CACHE / "logs")),
@@ -298,10 +311,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "pytest_args",
         nargs="*",
-        help="pytest arguments, inside the guest (default: the needs_ipip tests of tests/vm and tests/netns)",
+        help="pytest options added to the default selection (the needs_ipip tests of tests/vm and tests/netns), "
+        "or test paths that replace it",
     )
     args = parser.parse_args(argv)
-    pytest_args = args.pytest_args or DEFAULT_SELECTION
+    pytest_args = selection(args.pytest_args)
     if not os.access(args.python, os.X_OK):
         raise SystemExit(f"vm-test: no interpreter at {args.python} (run scripts/bootstrap, or pass --python)")
 
