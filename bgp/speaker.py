@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ESTABLISHED = "Established"
 ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
 RELOAD_TIMEOUT = 10.0
+BRIDGE_TIMEOUT = 15.0  # ExaBGP running without a bridge connected for this long is restarted
 REFRESH_GRACE = 5.0  # after a bridge restart: how long peers get to re-send their routes on route refresh
 _HOLD_EXPIRED = re.compile(r"hold.?tim|\(4,\s*0\)|code 4\b", re.IGNORECASE)
 
@@ -56,6 +57,9 @@ class SpeakerConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     log_level: str = "INFO"
+    # ExaBGP's reactor waits up to speed/100 s for I/O when idle; 1.0 (its default, 10 ms) delays updates to
+    # further peers by up to that much. Lower reacts faster for more idle wake-ups (see bench/results/bgp.md).
+    reactor_speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ class Speaker:
         self._conn: _Conn | None = None
         self._server: socket.socket | None = None
         self._restarts = 0
+        self._no_bridge_since: float | None = None
         self._last_best: dict[str, LearnedRoute] = {}
 
     # ---- the owner's API -------------------------------------------------------------------------------------
@@ -235,9 +240,16 @@ class Speaker:
     def set_peers(self, peers: Iterable[PeerSpec]) -> None:
         """The complete set of sessions. Unchanged sessions stay up; removed peers' routes leave the RIB."""
         changed = False
+        peers = list(peers)
         with self._lock:
             new = {p.address: p for p in peers if p.ok}
-            self._invalid = [p for p in peers if not p.ok]
+            invalid = [p for p in peers if not p.ok]
+            for p in invalid:
+                if p not in self._invalid:
+                    log.warning(
+                        "BGP peer %s (%s) of %s not configured: %s", p.address, p.name, self.identity.node, p.error
+                    )
+            self._invalid = invalid
             for address in set(self._peers) - set(new):
                 self._rib.drop_peer(address)
                 for table in (self._sessions, self._sent, self._unsure, self._router_ids, self._peer_gr):
@@ -257,6 +269,10 @@ class Speaker:
                         self._refresh_pending.add(address)
                     continue
                 self._sessions[address] = _Session(md5_baseline=self._md5_failures())
+                if old is not None:
+                    # ExaBGP re-creates a changed neighbor, and its Adj-RIB-Out may go with it: send it all again
+                    # (after the reload, which ExaBGP runs before it reads our next command).
+                    self._unsure.setdefault(address, set()).update(self._sent.pop(address, {}))
             self._peers = new
             if self._write_config():
                 self._reload_pending = True
@@ -355,6 +371,7 @@ class Speaker:
                 "exabgp_api_encoder": "json",
                 "exabgp_log_destination": "stdout",
                 "exabgp_log_level": self.config.log_level,
+                "exabgp_reactor_speed": str(self.config.reactor_speed),
             }
         )
         return env
@@ -598,8 +615,10 @@ class Speaker:
                     return
                 conn = self._conn
                 if conn is None or conn.bridge_pid is None or self._bridge_generation != self._generation:
+                    self._bridge_watchdog()
                     self._wake.wait(timeout=0.5)
                     continue
+                self._no_bridge_since = None
                 self._dirty = False
             try:
                 idle = self._step(conn)
@@ -614,6 +633,22 @@ class Speaker:
             with self._lock:
                 if self._running and idle > 0 and not self._dirty:
                     self._wake.wait(timeout=idle)
+
+    def _bridge_watchdog(self) -> None:
+        """ExaBGP stops respawning a helper that keeps dying; without a bridge it is deaf to us, so restart it
+        (SIGKILL: no NOTIFICATION, peers keep our routes over the restart)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            self._no_bridge_since = None
+            return
+        now = time.monotonic()
+        if self._no_bridge_since is None:
+            self._no_bridge_since = now
+        elif now - self._no_bridge_since > BRIDGE_TIMEOUT:
+            log.warning("no bridge from ExaBGP for %s in %ss; restarting ExaBGP", self.identity.node, BRIDGE_TIMEOUT)
+            self._no_bridge_since = None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def _step(self, conn: _Conn) -> float:
         """One round: reload if the peers changed, sync announcements, send End-of-RIBs and refreshes, expire

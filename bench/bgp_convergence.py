@@ -1,0 +1,277 @@
+"""Benchmark: BGP convergence of podnet's speaker (ExaBGP + bridge + Python RIB/reflection) against BIRD 2, same
+topologies, in one run, on network namespaces (needs root; takes the netns suite's lock).
+
+    .venv/bin/python bench/bgp_convergence.py [--rounds 5] [--topology mesh10|rr30]
+
+Topologies: 10 nodes in full mesh; 30 nodes with 2 route reflectors (mesh off). For each, a new /26 appears on one
+(non-reflector) node and the time until every other node has it is measured:
+  podnet: from ``Speaker.announce()`` until the prefix is in every other speaker's RIB (``best_routes``, seen by
+          its ``on_change`` callback) — the kernel write is the routes helper's and is not included;
+  BIRD:   from ``ip route add`` on the origin (BIRD's kernel protocol learns it) until the route is in every other
+          node's kernel (``ip monitor route``) — this includes BIRD's kernel write, a slight handicap for BIRD.
+Also: resident memory and CPU seconds per node of ExaBGP (plus its bridge) and of BIRD. Prints a table and appends
+it to bench/results/bgp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fcntl
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bgp.plan import Defaults, identity, plan_peers
+from bgp.speaker import Speaker, SpeakerConfig
+from datastore import model as m
+from testbed.netns import NetnsBed, Node
+
+LOCK = "/run/lock/podnet-netns.lock"
+RESULTS = Path(__file__).resolve().parent / "results" / "bgp.md"
+DEFAULTS = Defaults(hold_time=9, graceful_restart_time=30)
+TICK = os.sysconf("SC_CLK_TCK")
+REACTOR_SPEED = float(os.environ.get("PODNET_BENCH_REACTOR_SPEED", "1.0"))
+
+
+@dataclass
+class Topology:
+    name: str
+    nodes: int
+    reflectors: int
+
+
+TOPOLOGIES = {"mesh10": Topology("10 nodes, full mesh", 10, 0), "rr30": Topology("30 nodes, 2 reflectors", 30, 2)}
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out: {what}")
+        time.sleep(0.05)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+@dataclass
+class Result:
+    impl: str
+    topology: str
+    times_ms: list[float]
+    rss_mib: float
+    cpu_s: float  # per node, over the whole run (sessions up + rounds)
+
+
+def models_for(hosts: list[Node], reflectors: int) -> dict[str, m.Node]:
+    return {
+        h.name: m.Node(name=h.name, ip=h.ip, rr_cluster_id="1.0.0.1" if i < reflectors else None)
+        for i, h in enumerate(hosts)
+    }
+
+
+def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Result:
+    cfg = m.ClusterConfig(node_mesh=topo.reflectors == 0)
+    models = models_for(hosts, topo.reflectors)
+    speakers: dict[str, Speaker] = {}
+    try:
+        for h in hosts:
+            config = SpeakerConfig(identity(models[h.name], cfg), reactor_speed=REACTOR_SPEED)
+            sp = Speaker(config, tmp / h.name, netns=h.ns.name)
+            sp.start()
+            speakers[h.name] = sp
+        for name, sp in speakers.items():
+            sp.set_peers(plan_peers(name, models, cfg, (), DEFAULTS))
+        wait_for(
+            lambda: all(p.state == "Established" for sp in speakers.values() for p in sp.peer_status()),
+            120,
+            "podnet sessions",
+        )
+        times: list[float] = []
+        lock = threading.Lock()
+        clients = [h.name for h in hosts[topo.reflectors :]]
+        for r in range(rounds):
+            origin = clients[r % len(clients)]
+            prefix = f"10.250.{r}.0/26"
+            seen: dict[str, float] = {}
+            done = threading.Event()
+            others = [n for n in speakers if n != origin]
+
+            def check(
+                name: str,
+                prefix: str = prefix,
+                seen: dict[str, float] = seen,
+                done: threading.Event = done,
+                others: list[str] = others,
+            ) -> None:
+                if name in seen or prefix not in speakers[name].best_routes():
+                    return
+                with lock:
+                    seen.setdefault(name, time.perf_counter())
+                    if len(seen) == len(others):
+                        done.set()
+
+            for n in others:
+                speakers[n]._callbacks[:] = [lambda n=n: check(n)]  # one observer per round
+            t0 = time.perf_counter()
+            speakers[origin].announce([prefix])
+            if not done.wait(30):
+                raise RuntimeError(f"podnet: {prefix} reached {len(seen)}/{len(others)} nodes")
+            times.append((max(seen.values()) - t0) * 1000)
+            speakers[origin].announce([])
+            wait_for(lambda p=prefix, o=others: all(p not in speakers[n].best_routes() for n in o), 30, "withdrawal")
+        pids = [(sp.exabgp_pid, sp.bridge_pid) for sp in speakers.values()]
+        rss = statistics.mean(rss_kib(e) + rss_kib(b) for e, b in pids if e and b) / 1024
+        cpu = statistics.mean(cpu_s(e) + cpu_s(b) for e, b in pids if e and b)
+        return Result("podnet (ExaBGP)", topo.name, times, rss, cpu)
+    finally:
+        for sp in speakers.values():
+            sp.stop()
+
+
+def bird_conf(me: m.Node, models: dict[str, m.Node], topo: Topology) -> str:
+    lines = [
+        f"router id {me.address};",
+        "protocol device { }",
+        "protocol kernel { ipv4 { import where net ~ 10.250.0.0/16; export where source = RTS_BGP; }; learn; }",
+    ]
+    for i, other in enumerate(models.values()):
+        if other.name == me.name:
+            continue
+        if topo.reflectors and me.rr_cluster_id is None and other.rr_cluster_id is None:
+            continue  # clients peer with reflectors only
+        rr = " rr client; rr cluster id 1.0.0.1;" if me.rr_cluster_id and other.rr_cluster_id is None else ""
+        lines.append(
+            f"protocol bgp p{i} {{ local {me.address} as 64512; neighbor {other.address} as 64512;{rr}"
+            f" hold time {DEFAULTS.hold_time}; connect retry time 2; error wait time 1, 10;"
+            " ipv4 { import all; export where net ~ 10.250.0.0/16; }; }"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Result:
+    models = models_for(hosts, topo.reflectors)
+    procs: dict[str, subprocess.Popen[str]] = {}
+    ctl = {h.name: tmp / f"{h.name}.ctl" for h in hosts}
+    try:
+        for h in hosts:
+            conf = tmp / f"{h.name}.conf"
+            conf.write_text(bird_conf(models[h.name], models, topo))
+            procs[h.name] = h.ns.popen("bird", "-f", "-c", str(conf), "-s", str(ctl[h.name]))
+
+        def all_up() -> bool:
+            for h in hosts:
+                out = h.ns.run("birdc", "-s", str(ctl[h.name]), "show", "protocols", check=False).stdout
+                rows = [line for line in out.splitlines() if line.startswith("p")]
+                if not rows or any("Established" not in line for line in rows):
+                    return False
+            return True
+
+        wait_for(all_up, 120, "BIRD sessions")
+        times: list[float] = []
+        lock = threading.Lock()
+        clients = hosts[topo.reflectors :]
+        for r in range(rounds):
+            origin = clients[r % len(clients)]
+            prefix = f"10.250.{r}.0/26"
+            others = [h for h in hosts if h is not origin]
+            monitors = [
+                subprocess.Popen(["ip", "-n", h.ns.name, "monitor", "route"], stdout=subprocess.PIPE, text=True)
+                for h in others
+            ]
+            seen: list[float] = []
+
+            def watch(proc: subprocess.Popen[str], prefix: str = prefix, seen: list[float] = seen) -> None:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    if prefix in line and not line.startswith("Deleted"):
+                        with lock:
+                            seen.append(time.perf_counter())
+                        return
+
+            threads = [threading.Thread(target=watch, args=(p,), daemon=True) for p in monitors]
+            for t in threads:
+                t.start()
+            time.sleep(0.2)  # monitors subscribed
+            t0 = time.perf_counter()
+            origin.ns.ip("route", "add", "blackhole", prefix)
+            for t in threads:
+                t.join(30)
+            for p in monitors:
+                p.kill()
+                p.wait()
+            if len(seen) != len(others):
+                raise RuntimeError(f"BIRD: {prefix} reached {len(seen)}/{len(others)} nodes")
+            times.append((max(seen) - t0) * 1000)
+            origin.ns.ip("route", "del", "blackhole", prefix)
+            time.sleep(0.3)
+        pids = [p.pid for p in procs.values()]
+        rss = statistics.mean(rss_kib(p) for p in pids) / 1024
+        cpu = statistics.mean(cpu_s(p) for p in pids)
+        return Result("BIRD 2", topo.name, times, rss, cpu)
+    finally:
+        for p in procs.values():
+            bed.stop_process(p)
+            bed.processes.remove(p)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--topology", choices=sorted(TOPOLOGIES), action="append")
+    args = ap.parse_args()
+    results: list[Result] = []
+    os.makedirs(os.path.dirname(LOCK), exist_ok=True)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for key in args.topology or ["mesh10", "rr30"]:
+            topo = TOPOLOGIES[key]
+            tmp = Path(tempfile.mkdtemp(prefix="podnet-bgp-bench-"))
+            try:
+                with NetnsBed() as bed:
+                    underlay = bed.underlay()
+                    hosts = [bed.node(f"n{i}", underlay, 11 + i) for i in range(topo.nodes)]
+                    results.append(run_podnet(hosts, topo, args.rounds, tmp / "podnet"))
+                    (tmp / "bird").mkdir()
+                    results.append(run_bird(bed, hosts, topo, args.rounds, tmp / "bird"))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    header = "| topology | speaker | convergence median (ms) | max (ms) | RSS per node (MiB) | CPU per node (s) |"
+    rows = [header, "|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| {r.topology} | {r.impl} | {statistics.median(r.times_ms):.1f} | {max(r.times_ms):.1f} | "
+            f"{r.rss_mib:.1f} | {r.cpu_s:.2f} |"
+        )
+    table = "\n".join(rows)
+    print(table)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as fh:
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        fh.write(f"\n## {when}: `bench/bgp_convergence.py --rounds {args.rounds}` ({os.cpu_count()} CPUs)\n\n")
+        fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
