@@ -131,16 +131,23 @@ def matrix_cmd(ctl: CtlContext, port: str, namespace: str | None, output: str) -
 @output_option
 @pass_ctl
 def status_cmd(ctl: CtlContext, show_all: bool, output: str) -> None:
-    """Policies the compiler rejected, with the reason (they allow nothing for the pods they select)."""
+    """Policies the compiler rejected, with the reason. A rejected policy still isolates the pods it selects in the
+    directions it declares, allowing nothing: SELECTS says how many and which directions."""
     with _errors():
-        statuses = sorted(_compiled(ctl).statuses.values(), key=lambda s: (s.namespace, s.name))
-    shown = [s for s in statuses if show_all or not s.accepted]
-    rows = [[s.namespace, s.name, "accepted" if s.accepted else "rejected", s.reason] for s in shown]
-    if output == "table" and not shown:
-        n = len(statuses)
+        c = _compiled(ctl)
+    keys = sorted(k for k, s in c.statuses.items() if show_all or not s.accepted)
+    rows = []
+    data = []
+    for key in keys:
+        st, cp = c.statuses[key], c.policies[key]
+        selects = f"{len(cp.selected)} pods ({', '.join(cp.directions)})"
+        rows.append([st.namespace, st.name, "accepted" if st.accepted else "rejected", selects, st.reason])
+        data.append({**st.to_json(), "selectedPods": sorted(f"{ns}/{n}" for ns, n in cp.selected)})
+    if output == "table" and not keys:
+        n = len(c.statuses)
         click.echo(f"all {n} polic{'y' if n == 1 else 'ies'} accepted")
         return
-    emit([s.to_json() for s in shown], ["NAMESPACE", "NAME", "STATUS", "REASON"], rows, output)
+    emit(data, ["NAMESPACE", "NAME", "STATUS", "SELECTS", "REASON"], rows, output)
 
 
 # --- agentctl apply / get ----------------------------------------------------------------------------------------

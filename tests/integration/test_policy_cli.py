@@ -177,10 +177,15 @@ def test_status_lists_rejected_policies(etcd_server: EtcdServer, etcd: EtcdClien
     )
     Store(etcd).put(broken)
     out = run(etcd_server, "policy", "status").output.splitlines()
-    assert out[0].split(" | ") == ["NAMESPACE", "NAME  ", "STATUS  ", "REASON"]
-    assert out[2].startswith("nsa       | broken | rejected | spec.ingress[0].from[0].ipBlock.cidr: '10.0.0.0/33'")
+    assert [c.strip() for c in out[0].split(" | ")] == ["NAMESPACE", "NAME", "STATUS", "SELECTS", "REASON"]
+    cells = [c.strip() for c in out[2].split(" | ")]
+    assert cells[:4] == ["nsa", "broken", "rejected", "1 pods (Ingress)"]
+    assert cells[4].startswith("spec.ingress[0].from[0].ipBlock.cidr: '10.0.0.0/33'")
     data = json.loads(run(etcd_server, "policy", "status", "--all", "-o", "json").output)
-    assert [(d["name"], d["accepted"]) for d in data] == [("broken", False), ("npa", True)]
+    assert [(d["name"], d["accepted"], d["selectedPods"]) for d in data] == [
+        ("broken", False, ["nsa/a1"]),
+        ("npa", True, ["nsa/a1"]),
+    ]
     # The rejected policy isolates nsa (fails closed) even for what npa allows on other ports... and npa still works.
     v = json.loads(
         run(
