@@ -112,6 +112,11 @@ class NodeRunner:
         self.status.close(revoke=True)
         self.netlink.close()
 
+    @property
+    def bgp_in_sync(self) -> bool:
+        """BGP has caught up since start: a learned route missing now is a real withdrawal."""
+        return self._learned_in_sync
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -150,12 +155,17 @@ class NodeRunner:
         if not snap.in_sync:
             self.status.publish_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
             return
-        problems: list[str] = []
         me = snap.nodes.get(self.node)
         if me is None:
-            problems.append(f"no node record for {self.node}: BGP is not started")
-        else:
-            self._steer_speaker(snap, me)
+            # Without our record we know neither our address nor our subnet. Leave the kernel as it is (a record
+            # deleted by mistake must not cut the node off) and say why.
+            why = f"no node record for {self.node}: BGP not started, kernel left as it is"
+            self.status.publish_agent(
+                m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
+            )
+            return
+        problems: list[str] = []
+        self._steer_speaker(snap, me)
         self._last_learned = self.speaker.best_routes() if self.speaker is not None else {}
         learned = list(self._last_learned.values())
         current = {str(ipaddress.ip_network(r.prefix)) for r in learned}
