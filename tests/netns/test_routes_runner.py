@@ -91,7 +91,8 @@ def runner_factory(etcd: EtcdClient, tmp_path: Path) -> Iterator[Callable[..., S
         cfg = RunnerConfig(node="n1", workdir=tmp_path, netns=node.ns.name, **{"resync": 0.5, **config})
         r = ScriptedRunner(etcd, cfg)
         made.append(r)
-        return r.start()
+        r.start()
+        return r
 
     try:
         yield make
