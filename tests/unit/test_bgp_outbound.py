@@ -99,3 +99,22 @@ def test_best_path_and_staleness() -> None:
     assert rib.sweep_stale("10.0.0.3") == 1  # End-of-RIB: what was not re-sent goes
     assert set(rib.routes_from("10.0.0.3")) == {"q/26"}
     assert not rib.best()["p/26"].stale
+
+
+def test_speaker_diff_groups_commands_and_withdraws_what_it_is_unsure_of() -> None:
+    from bgp.speaker import _diff
+
+    own = OutRoute("10.244.1.0/26", "10.0.0.11")
+    refl = OutRoute("10.244.2.0/26", "10.0.0.12", None, (), "10.0.0.12", ("1.0.0.1",))
+    desired = {"10.0.0.2": {own.prefix: own, refl.prefix: refl}, "10.0.0.3": {own.prefix: own}}
+    sent = {"10.0.0.3": {own.prefix: own, "10.244.9.0/26": OutRoute("10.244.9.0/26", "10.0.0.11")}}
+    unsure = {"10.0.0.2": {"10.244.8.0/26"}}
+    lines = [line for line, _ in _diff(desired, sent, unsure)]
+    assert lines == [
+        "neighbor 10.0.0.2 withdraw route 10.244.8.0/26",
+        "neighbor 10.0.0.3 withdraw route 10.244.9.0/26",
+        "neighbor 10.0.0.2 announce route 10.244.1.0/26 next-hop 10.0.0.11",  # 10.0.0.3 has it already
+        "neighbor 10.0.0.2 announce route 10.244.2.0/26 next-hop 10.0.0.12 originator-id 10.0.0.12 "
+        "cluster-list [ 1.0.0.1 ]",
+    ]
+    assert _diff(desired, {a: dict(r) for a, r in desired.items()}, {}) == []
