@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -182,6 +183,7 @@ def main() -> int:
         print(json.dumps(child(endpoint, int(pods), int(policies), args.changes, args.backend)))
         return 0
 
+    load_before = os.getloadavg()[0]
     server = EtcdServer().start()
     rows = []
     try:
@@ -216,6 +218,8 @@ def main() -> int:
     lines = [
         f"### Programming latency, {stamp} UTC (iptables-{args.backend}, {args.changes} changes per size, "
         f"{LOCAL} local pods, real etcd → cache → compiler → writers)",
+        "",
+        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after.",
         "",
         "| pods / policies | rules / set members | change → kernel p50 / p99 | of which compile p50 | write p50 / p99 "
         "| cold sync: compile + write | restore floor | write / floor | peak RSS |",

@@ -20,6 +20,7 @@ round; the median over rounds is reported with its spread (min-max). Appends a t
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -168,6 +169,7 @@ def main() -> int:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     backend = Backend(args.backend)
+    load_before = os.getloadavg()[0]
 
     with NetnsBed() as bed, tempfile.TemporaryDirectory(prefix="podnet-qps-") as tmpdir:
         tmp = Path(tmpdir)
@@ -242,6 +244,9 @@ def main() -> int:
     lines = [
         f"### QPS with policy, {stamp} UTC (iptables-{backend.name}, nginx + wrk -t1 -c16, {args.duration:g} s runs, "
         f"{args.rounds} interleaved rounds; median (min-max) of paired ratios)",
+        "",
+        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
+        "(other work on the machine shows as spread).",
         "",
         f"no netfilter: median {statistics.median(qps['none']):.0f} req/s; conntrack only: "
         f"{statistics.median(qps['conntrack']):.0f} req/s ({spread(ratios('conntrack', 'none'))} of no netfilter)",
