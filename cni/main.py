@@ -46,8 +46,9 @@ def forward(path: str, env: dict[str, str], stdin: bytes) -> tuple[int, bytes, b
     """Send the request to the server. None if no server accepts the connection."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(2.0)
         try:
+            # Blocking: a unix-socket connect fails at once when nobody listens, and waits (rather than failing
+            # with EAGAIN) while a burst of ADDs fills the server's accept queue.
             sock.connect(path)
         except OSError:
             return None
@@ -78,7 +79,11 @@ def _fallback(env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
         os.close(write_end)
         os.dup2(read_end, 0)
         os.environ["PODNET_CNI_SOCKET"] = "/nonexistent"  # the server is not there: do not loop back here
-        os.execvp(target, [target])
+        try:
+            os.execvp(target, [target])
+        except OSError as exc:
+            msg = f"no CNI server at {env.get('PODNET_CNI_SOCKET') or DEFAULT_SOCKET} and cannot run {target}: {exc}"
+            return 1, _error(50, msg), f"podnet-cni: {msg}\n".encode()
     outcome = run(env, stdin)
     return outcome.code, outcome.stdout.encode(), outcome.stderr.encode()
 

@@ -15,6 +15,7 @@ import os
 import signal
 import socketserver
 import threading
+import time
 from pathlib import Path
 
 from cni.main import DEFAULT_SOCKET, MAGIC
@@ -34,8 +35,15 @@ class _Handler(socketserver.StreamRequestHandler):
             outcome = Outcome(1, '{"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the CNI server"}\n')
         else:
             env, stdin = parsed
+            started = time.perf_counter()
             outcome = run(env, stdin, self.server.clients)
-            log.info("%s %s -> %d", env.get("CNI_COMMAND", "?"), env.get("CNI_CONTAINERID", "-"), outcome.code)
+            log.info(
+                "%s %s -> %d in %.1f ms",
+                env.get("CNI_COMMAND", "?"),
+                env.get("CNI_CONTAINERID", "-"),
+                outcome.code,
+                (time.perf_counter() - started) * 1000,
+            )
         out = outcome.stdout.encode()
         self.wfile.write(b"%d %d\n" % (outcome.code, len(out)) + out + outcome.stderr.encode())
 
@@ -62,6 +70,7 @@ def parse_request(raw: bytes) -> tuple[dict[str, str], bytes] | None:
 
 class CniServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128  # a node starting many pods at once must not see its connects refused
 
     def __init__(self, path: str) -> None:
         self.path = path
