@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from datastore import keys as k
+from datastore import model as m
 from datastore.etcd import EtcdClient
+from datastore.store import Store
 from testbed.etcd_server import EtcdServer
 from testbed.netns import NetnsBed
 from tests.netns.mesh import Mesh, block_of, make_mesh, wait_for
@@ -99,3 +102,39 @@ def test_full_mesh_programs_every_block_everywhere_and_pods_talk(mesh: Mesh, etc
     for other in ("n2", "n3"):
         row = next(line for line in out.splitlines() if line.startswith(mesh.nodes[other].address))
         assert "node-to-node mesh" in row and "Established" in row
+
+
+def test_borrowed_addresses_and_invalid_peers(mesh: Mesh, etcd: EtcdClient, etcd_server: EtcdServer) -> None:
+    """A pod on n2 holding an address of n1's block is reached through n2 from everywhere (its /32 beats the
+    block); a node-specific peer that cannot work shows as Invalid with the reason and disturbs no session."""
+    for me in NAMES:
+        wanted = [expected_route(mesh, mesh.encapsulation, o) for o in NAMES if o != me]
+        wait_for(lambda me=me, wanted=wanted: all(w in mesh.routes(me) for w in wanted), 60, f"{me}: {wanted}", mesh)
+    store = Store(etcd)
+    since = {p.value.peer_ip: p.value.since for p in store.list(k.bgp_status_prefix("n1"), m.BGPPeerStatus)}
+
+    borrower = mesh.bed.pod(mesh.nodes["n2"], "default", "borrower", "10.244.1.9")
+    store.put(m.Endpoint("n2", "default", "borrower", "eth0", borrower.host_iface, ips=("10.244.1.9/32",)))
+    store.put(m.BGPPeer("selfie", mesh.nodes["n1"].address, 64600, node="n1"))
+
+    for me in ("n1", "n3"):
+        wait_for(lambda me=me: any(r.startswith("10.244.1.9 via") for r in mesh.routes(me)), 15, f"/32 on {me}", mesh)
+    assert any(r.startswith("10.244.1.9 dev cali") for r in mesh.routes("n2"))
+    assert "blackhole 10.244.1.0/26" in mesh.routes("n1")
+    for me in ("n1", "n3"):
+        assert mesh.pods[me].ns.ping(borrower.ip), f"{me} -> borrowed address on n2"
+    st = store.get(k.RouteKey("n1", "10.244.1.9/32"), m.RouteStatus)
+    assert st is not None and st.value.type == "borrowed" and st.value.learned_from == mesh.nodes["n2"].address
+
+    def invalid_shown() -> bool:
+        peer = store.get(k.BGPPeerStatusKey("n1", mesh.nodes["n1"].address), m.BGPPeerStatus)
+        return peer is not None and peer.value.state == "Invalid"
+
+    wait_for(invalid_shown, 15, "the invalid peer in n1's status", mesh)
+    peer = store.get(k.BGPPeerStatusKey("n1", mesh.nodes["n1"].address), m.BGPPeerStatus)
+    assert peer is not None and "this node's own address" in peer.value.info
+    assert peer.value.peer_type == "node specific"
+    now = {p.value.peer_ip: p.value for p in store.list(k.bgp_status_prefix("n1"), m.BGPPeerStatus)}
+    for other in ("n2", "n3"):
+        ip = mesh.nodes[other].address
+        assert now[ip].state == "Established" and now[ip].since == since[ip]  # the mesh sessions never dropped
