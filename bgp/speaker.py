@@ -408,9 +408,21 @@ class Speaker:
                     return
                 self._write_config()
                 self._reload_pending = False  # a fresh process reads the current file
-                proc = self._spawn()
-                self._proc = proc
-                self._generation += 1
+                try:
+                    proc = self._spawn()
+                except OSError as exc:
+                    log.error("cannot start ExaBGP for %s: %s; retrying in %.1fs", self.identity.node, exc, backoff)
+                    for s in self._sessions.values():
+                        s.set("Idle", f"cannot start ExaBGP: {exc}")
+                    proc = None
+                if proc is not None:
+                    self._proc = proc
+                    self._generation += 1
+            if proc is None:
+                if self._stop_event.wait(backoff):
+                    return
+                backoff = min(backoff * 2, self.config.backoff_max)
+                continue
             started = time.monotonic()
             code = proc.wait()
             with self._lock:

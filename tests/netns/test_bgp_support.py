@@ -17,6 +17,7 @@ from bgp.plan import Defaults, SpeakerIdentity, identity
 from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
 from testbed.netns import NetnsBed, Node, Underlay
+from testbed.procs import alive
 from testbed.wait import eventually
 
 AS = 64512
@@ -55,9 +56,12 @@ def speakers(
             out[name] = start_speaker(cluster, name, tmp / name, cfg)
         yield out
     finally:
+        pids = [p for sp in out.values() for p in (sp.exabgp_pid, sp.bridge_pid) if p is not None]
         for sp in out.values():
             sp.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    # stop() leaves no ExaBGP or bridge behind (the bridge exits with ExaBGP or is killed by pid)
+    assert eventually(lambda: not [p for p in pids if alive(p)], timeout=5), f"left running: {pids}"
 
 
 def start_speaker(cluster: Cluster, name: str, workdir: Path, cfg: m.ClusterConfig) -> Speaker:

@@ -1,0 +1,38 @@
+"""The speaker's supervision without a network: a missing or crashing ExaBGP is retried with backoff and shown in
+the peer status; a configured peer with an error is listed as Invalid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bgp.plan import PeerSpec, SpeakerIdentity
+from bgp.speaker import Speaker, SpeakerConfig
+from testbed.wait import eventually
+
+IDENT = SpeakerIdentity("a", "127.0.0.1", 64512, "127.0.0.1")
+PEERS = [PeerSpec("127.0.0.2", 64512, "node-to-node mesh"), PeerSpec("127.0.0.1", 65000, "global", error="own")]
+
+
+def test_missing_exabgp_is_reported_and_retried(tmp_path: Path) -> None:
+    sp = Speaker(SpeakerConfig(IDENT, exabgp=str(tmp_path / "no-such-exabgp"), backoff_initial=0.05), tmp_path)
+    sp.set_peers(PEERS)
+    sp.start()
+    try:
+        assert eventually(lambda: "cannot start ExaBGP" in sp.peer_status()[0].info, timeout=5)
+        states = {(p.address, p.state) for p in sp.peer_status()}
+        assert states == {("127.0.0.2", "Idle"), ("127.0.0.1", "Invalid")}
+    finally:
+        sp.stop()
+    assert not (tmp_path / "bridge.sock").exists()
+
+
+def test_crashing_exabgp_is_restarted_with_backoff(tmp_path: Path) -> None:
+    sp = Speaker(SpeakerConfig(IDENT, exabgp="/bin/false", backoff_initial=0.05, backoff_max=0.2), tmp_path)
+    sp.set_peers(PEERS)
+    sp.start()
+    try:
+        assert eventually(lambda: sp.restarts >= 3, timeout=5)
+        assert "ExaBGP exited with code 1" in sp.peer_status()[0].info
+        assert (tmp_path / "exabgp.conf").stat().st_mode & 0o777 == 0o600  # it may hold MD5 keys
+    finally:
+        sp.stop()
