@@ -81,6 +81,18 @@ class Result:
     times_ms: list[float]
     rss_mib: float
     cpu_s: float  # per node, over the whole run (sessions up + rounds)
+    idle_pct: float  # per node, CPU while nothing changes (keepalives only)
+
+
+IDLE_WINDOW = 5.0
+
+
+def idle_cpu_pct(pids: list[int]) -> float:
+    """Mean CPU % per node over an idle window (``pids`` groups one node's processes by summing)."""
+    before = [cpu_s(p) for p in pids]
+    time.sleep(IDLE_WINDOW)
+    after = [cpu_s(p) for p in pids]
+    return 100 * sum(a - b for a, b in zip(after, before, strict=True)) / IDLE_WINDOW
 
 
 def models_for(hosts: list[Node], reflectors: int) -> dict[str, m.Node]:
@@ -143,7 +155,9 @@ def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Res
         pids = [(sp.exabgp_pid, sp.bridge_pid) for sp in speakers.values()]
         rss = statistics.mean(rss_kib(e) + rss_kib(b) for e, b in pids if e and b) / 1024
         cpu = statistics.mean(cpu_s(e) + cpu_s(b) for e, b in pids if e and b)
-        return Result("podnet (ExaBGP)", topo.name, times, rss, cpu)
+        flat = [p for pair in pids for p in pair if p]
+        idle = idle_cpu_pct(flat) / len(pids)
+        return Result("podnet (ExaBGP)", topo.name, times, rss, cpu, idle)
     finally:
         for sp in speakers.values():
             sp.stop()
@@ -228,7 +242,7 @@ def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp:
         pids = [p.pid for p in procs.values()]
         rss = statistics.mean(rss_kib(p) for p in pids) / 1024
         cpu = statistics.mean(cpu_s(p) for p in pids)
-        return Result("BIRD 2", topo.name, times, rss, cpu)
+        return Result("BIRD 2", topo.name, times, rss, cpu, idle_cpu_pct(pids) / len(pids))
     finally:
         for p in procs.values():
             bed.stop_process(p)
@@ -256,19 +270,26 @@ def main() -> int:
                     results.append(run_bird(bed, hosts, topo, args.rounds, tmp / "bird"))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    header = "| topology | speaker | convergence median (ms) | max (ms) | RSS per node (MiB) | CPU per node (s) |"
-    rows = [header, "|---|---|---|---|---|---|"]
+    header = (
+        "| topology | speaker | convergence median (ms) | max (ms) | RSS per node (MiB) | CPU per node, whole run (s) "
+        "| idle CPU per node (%) |"
+    )
+    rows = [header, "|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
             f"| {r.topology} | {r.impl} | {statistics.median(r.times_ms):.1f} | {max(r.times_ms):.1f} | "
-            f"{r.rss_mib:.1f} | {r.cpu_s:.2f} |"
+            f"{r.rss_mib:.1f} | {r.cpu_s:.2f} | {r.idle_pct:.2f} |"
         )
     table = "\n".join(rows)
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        fh.write(f"\n## {when}: `bench/bgp_convergence.py --rounds {args.rounds}` ({os.cpu_count()} CPUs)\n\n")
+        load = os.getloadavg()[0]
+        fh.write(
+            f"\n## {when}: `bench/bgp_convergence.py --rounds {args.rounds}` ({os.cpu_count()} CPUs, "
+            f"load average {load:.1f} at the end)\n\n"
+        )
         fh.write(table + "\n")
     return 0
 

@@ -100,7 +100,7 @@ class _Session:
     since: str = field(default_factory=_now)
     info: str = ""
     stale_until: float | None = None  # monotonic deadline of the peer's graceful-restart timer
-    md5_baseline: int = 0
+    md5_baseline: tuple[int, int] = (0, 0)
 
     def set(self, state: str, info: str = "") -> None:
         if state != self.state:
@@ -298,10 +298,14 @@ class Speaker:
             for address, spec in sorted(self._peers.items()):
                 s = self._sessions.setdefault(address, _Session())
                 info = s.info
-                if s.state != ESTABLISHED and md5 > s.md5_baseline:
-                    info = (
-                        f"TCP-MD5 authentication failing: {md5 - s.md5_baseline} segment(s) with a bad or missing "
-                        "signature" + (f"; {info}" if info else "")
+                # The kernel counts per namespace, not per peer: blame only sessions that are down and whose
+                # configuration matches the kind of failure.
+                keyed = spec.password is not None
+                dropped = md5[0] - s.md5_baseline[0] if keyed else md5[1] - s.md5_baseline[1]
+                if s.state != ESTABLISHED and dropped > 0:
+                    what = "with a bad or missing signature" if keyed else "signed, but no password is configured"
+                    info = f"TCP-MD5 authentication failing: {dropped} segment(s) {what}" + (
+                        f"; {info}" if info else ""
                     )
                 out.append(
                     PeerState(
@@ -589,20 +593,21 @@ class Speaker:
         self._dirty = True
         self._wake.notify_all()
 
-    def _md5_failures(self) -> int:
-        """TCP-MD5 segments the kernel dropped in ExaBGP's namespace (bad or missing signature, or unexpected)."""
+    def _md5_failures(self) -> tuple[int, int]:
+        """TCP-MD5 segments the kernel dropped in ExaBGP's namespace: (bad or missing signature — what a peer we
+        hold a key for causes; signed but we hold no key — what a peer we hold none for causes)."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
-            return 0
+            return (0, 0)
         try:
             lines = Path(f"/proc/{proc.pid}/net/netstat").read_text().splitlines()
         except OSError:
-            return 0
+            return (0, 0)
         for head, values in zip(lines[::2], lines[1::2], strict=False):
             if head.startswith("TcpExt:"):
-                table = dict(zip(head.split()[1:], values.split()[1:], strict=False))
-                return sum(int(table.get(k, 0)) for k in ("TCPMD5Failure", "TCPMD5NotFound", "TCPMD5Unexpected"))
-        return 0
+                t = {k: int(v) for k, v in zip(head.split()[1:], values.split()[1:], strict=False)}
+                return (t.get("TCPMD5Failure", 0) + t.get("TCPMD5NotFound", 0), t.get("TCPMD5Unexpected", 0))
+        return (0, 0)
 
     def _best_changed(self) -> bool:
         best = self._rib.best()
