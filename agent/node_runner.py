@@ -83,6 +83,8 @@ class NodeRunner:
         self._learned_in_sync = False
         self._learned_seen: set[str] = set()  # prefixes BGP delivered during this run
         self._last_learned: dict[str, LearnedRoute] = {}
+        self._last_verify = 0.0
+        self._verify_due = True
         self._in_sync_since = ""
         self._was_in_sync = False
         # What the last pass did, for tests and the future daemon's health endpoint.
@@ -174,8 +176,18 @@ class NodeRunner:
         learned_in_sync = self._bgp_in_sync()
         plan = plan_routes(snap, self.node, learned)
         problems.extend(plan.problems)
-        problems.extend(self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync).problems)
-        result = self.routes.apply(plan.routes, in_sync=True, learned_in_sync=learned_in_sync, withdrawn=withdrawn)
+        # Passes driven by changes trust the writers' model of the kernel; every ``resync`` seconds (and after a
+        # device was remade, or something failed) they re-read it and repair what someone else changed.
+        verify = self._verify_due or time.monotonic() - self._last_verify >= self.config.resync
+        links = self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync, verify=verify)
+        problems.extend(links.problems)
+        verify = verify or links.devices_changed
+        result = self.routes.apply(
+            plan.routes, in_sync=True, learned_in_sync=learned_in_sync, withdrawn=withdrawn, verify=verify
+        )
+        if verify:
+            self._last_verify = time.monotonic()
+        self._verify_due = bool(result.failed or links.problems)
         problems.extend(f"{cidr}: {why}" for cidr, why in sorted(result.failed.items()))
         if result.changed:
             log.info(

@@ -39,28 +39,40 @@ class IpipUnavailable(RuntimeError):
 @dataclass
 class LinkResult:
     problems: list[str] = field(default_factory=list)
+    # A device was created, recreated or brought up: the kernel dropped (or never had) the routes through it, so
+    # the route writer must read the table again rather than trust its model of it.
+    devices_changed: bool = False
 
 
 class LinkWriter:
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
+        # FDB and neighbour entries of vxlan.podnet as of the last pass (see RouteWriter._model): for passes
+        # with verify=False.
+        self._fdb: set[tuple[str, str]] | None = None
+        self._neigh: set[tuple[str, str]] | None = None
 
-    def apply(self, plan: RoutePlan, in_sync: bool, learned_in_sync: bool | None = None) -> LinkResult:
+    def apply(
+        self, plan: RoutePlan, in_sync: bool, learned_in_sync: bool | None = None, verify: bool = True
+    ) -> LinkResult:
         """``in_sync``: the datastore is (an unneeded device may go); ``learned_in_sync`` (default ``in_sync``): BGP
-        is, so FDB and neighbour entries of VTEPs no route uses any more may go."""
+        is, so FDB and neighbour entries of VTEPs no route uses any more may go. ``verify=False``: trust the FDB
+        and neighbour entries as left by the last pass instead of reading them (the devices are always checked)."""
         result = LinkResult()
         learned_ok = in_sync if learned_in_sync is None else learned_in_sync
         try:
             if plan.vxlan is not None:
-                self.ensure_vxlan(plan.vxlan)
-                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync and learned_ok)
-            elif in_sync:
-                self.remove_vxlan()
+                _, changed = self.ensure_vxlan(plan.vxlan)
+                result.devices_changed |= changed
+                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync and learned_ok, verify=verify or changed)
+            elif in_sync and self.remove_vxlan():
+                result.devices_changed = True
         except (NetlinkError, LookupError) as exc:
             result.problems.append(f"{VXLAN_DEVICE}: {exc}")
         if plan.ipip is not None:
             try:
-                self.ensure_ipip(plan.ipip)
+                _, changed = self.ensure_ipip(plan.ipip)
+                result.devices_changed |= changed
             except (NetlinkError, LookupError, IpipUnavailable) as exc:
                 result.problems.append(f"{IPIP_DEVICE}: {exc}")
         for p in result.problems:
@@ -76,8 +88,10 @@ class LinkWriter:
             raise LookupError(f"no link carries the node address {local_ip}")
         return index, int(self.nl.link(index).get("IFLA_MTU"))
 
-    def ensure_vxlan(self, want: VxlanDevice) -> int:
+    def ensure_vxlan(self, want: VxlanDevice) -> tuple[int, bool]:
+        """The device's index, and whether it was created, recreated or brought up."""
         parent, host_mtu = self._parent(want.local_ip)
+        changed = False
         mtu = host_mtu - VXLAN_OVERHEAD
         ipr = self.nl.ipr
         index = self.nl.index(VXLAN_DEVICE)
@@ -86,6 +100,7 @@ class LinkWriter:
             ipr.link("del", index=index)
             index = None
         if index is None:
+            changed = True
             ipr.link(
                 "add",
                 ifname=VXLAN_DEVICE,
@@ -108,55 +123,73 @@ class LinkWriter:
             changes["address"] = want.mac
         if not link["flags"] & IFF_UP:
             changes["state"] = "up"
+            changed = True  # a device going down loses its routes and neighbours
         if changes:
             ipr.link("set", index=index, **changes)
         self._ensure_addresses(index, [want.address] if want.address else [])
-        return index
+        return index, changed
 
-    def remove_vxlan(self) -> None:
+    def remove_vxlan(self) -> bool:
         index = self.nl.index(VXLAN_DEVICE)
-        if index is not None:
-            self.nl.ipr.link("del", index=index)
+        self._fdb = self._neigh = None
+        if index is None:
+            return False
+        self.nl.ipr.link("del", index=index)
+        return True
 
-    def sync_vxlan_peers(self, peers: tuple[Peer, ...], remove_stale: bool) -> None:
+    def sync_vxlan_peers(self, peers: tuple[Peer, ...], remove_stale: bool, verify: bool = True) -> None:
         index = self.nl.index(VXLAN_DEVICE)
         if index is None:
             raise LookupError(f"{VXLAN_DEVICE} is missing")
         ipr = self.nl.ipr
         fdb_want = {(p.mac, p.node_ip) for p in peers}
         neigh_want = {(p.next_hop, p.mac) for p in peers}
-        fdb_have = set()
-        for msg in ipr.fdb("dump", ifindex=index):
-            if msg["ifindex"] == index and msg.get("NDA_DST"):
-                fdb_have.add((str(msg.get("NDA_LLADDR")).lower(), str(msg.get("NDA_DST"))))
-        neigh_have = set()
-        for msg in ipr.neigh("dump", ifindex=index):
-            if msg["ifindex"] == index and msg["family"] in (socket.AF_INET, socket.AF_INET6):
-                neigh_have.add((str(msg.get("NDA_DST")), str(msg.get("NDA_LLADDR")).lower()))
+        if verify or self._fdb is None or self._neigh is None:
+            fdb_have, neigh_have = self._read_peers(index)
+        else:
+            fdb_have, neigh_have = set(self._fdb), set(self._neigh)
+        self._fdb = self._neigh = None  # unknown until this pass finishes
         # FDB before neighbours: a neighbour resolved to a MAC with no FDB entry would blackhole packets.
         for mac, dst in sorted(fdb_want - fdb_have):
             ipr.fdb("replace", ifindex=index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
+            fdb_have.add((mac, dst))
         for dst, mac in sorted(neigh_want - neigh_have):
             ipr.neigh("replace", ifindex=index, dst=dst, lladdr=mac, state=NUD_PERMANENT)
-        if not remove_stale:
-            return
-        wanted_neigh_dsts = {dst for dst, _ in neigh_want}
-        for dst, mac in sorted(neigh_have - neigh_want):
-            if dst not in wanted_neigh_dsts:
-                ipr.neigh("del", ifindex=index, dst=dst, lladdr=mac)
-        for mac, dst in sorted(fdb_have - fdb_want):
-            ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF)
+            neigh_have = {(d, x) for d, x in neigh_have if d != dst} | {(dst, mac)}  # replace keys on dst
+        if remove_stale:
+            wanted_neigh_dsts = {dst for dst, _ in neigh_want}
+            for dst, mac in sorted(neigh_have - neigh_want):
+                if dst not in wanted_neigh_dsts:
+                    ipr.neigh("del", ifindex=index, dst=dst, lladdr=mac)
+                    neigh_have.discard((dst, mac))
+            for mac, dst in sorted(fdb_have - fdb_want):
+                ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst, flags=NTF_SELF)
+                fdb_have.discard((mac, dst))
+        self._fdb, self._neigh = fdb_have, neigh_have
+
+    def _read_peers(self, index: int) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+        fdb: set[tuple[str, str]] = set()
+        for msg in self.nl.ipr.fdb("dump", ifindex=index):
+            if msg["ifindex"] == index and msg.get("NDA_DST"):
+                fdb.add((str(msg.get("NDA_LLADDR")).lower(), str(msg.get("NDA_DST"))))
+        neigh: set[tuple[str, str]] = set()
+        for msg in self.nl.ipr.neigh("dump", ifindex=index):
+            if msg["ifindex"] == index and msg["family"] in (socket.AF_INET, socket.AF_INET6):
+                neigh.add((str(msg.get("NDA_DST")), str(msg.get("NDA_LLADDR")).lower()))
+        return fdb, neigh
 
     # -- IPIP -------------------------------------------------------------------------------------------------
 
-    def ensure_ipip(self, want: IpipDevice) -> int:
+    def ensure_ipip(self, want: IpipDevice) -> tuple[int, bool]:
         """``tunl0`` appears by itself once the ``ipip`` module is loaded; asking for it loads the module if the
         kernel has one. Without it, report clearly: no route through tunl0 can work."""
         _, host_mtu = self._parent(want.local_ip)
         mtu = host_mtu - IPIP_OVERHEAD
         ipr = self.nl.ipr
         index = self.nl.index(IPIP_DEVICE)
+        changed = False
         if index is None:
+            changed = True
             try:
                 ipr.link("add", ifname=IPIP_DEVICE, kind="ipip")
             except NetlinkError as exc:
@@ -170,10 +203,11 @@ class LinkWriter:
             changes["mtu"] = mtu
         if not link["flags"] & IFF_UP:
             changes["state"] = "up"
+            changed = True
         if changes:
             ipr.link("set", index=index, **changes)
         self._ensure_addresses(index, [want.address] if want.address else [])
-        return int(index)
+        return int(index), changed
 
     # -- shared -----------------------------------------------------------------------------------------------
 

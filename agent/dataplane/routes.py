@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -71,6 +72,11 @@ class RouteWriter:
         self.pod_grace = pod_grace
         self.clock = clock
         self._stale_since: dict[str, float] = {}
+        # The kernel's table as of the end of the last pass (what it read, plus what it wrote). A pass with
+        # ``verify=False`` works from it instead of re-reading the table: event-driven passes then cost what
+        # changed, not the table's size. Verifying passes (the first one, and the periodic resync) re-read and
+        # repair whatever someone else did meanwhile.
+        self._model: dict[str, KernelRoute] | None = None
 
     def dump(self) -> dict[str, KernelRoute]:
         """Main-table unicast and blackhole routes, ours and others' (first one per destination)."""
@@ -88,13 +94,17 @@ class RouteWriter:
         in_sync: bool,
         learned_in_sync: bool | None = None,
         withdrawn: Collection[str] = (),
+        verify: bool = True,
     ) -> RouteResult:
         """Program ``routes``. ``in_sync``: the datastore is (stale local routes may go: blackholes, pod routes);
         ``learned_in_sync`` (default: ``in_sync``): BGP has delivered what peers have, so a remote route missing
         from the plan really was withdrawn (after a restart the RIB starts empty; the kernel keeps forwarding).
-        ``withdrawn``: prefixes BGP did deliver and then withdrew; they go even before ``learned_in_sync``."""
+        ``withdrawn``: prefixes BGP did deliver and then withdrew; they go even before ``learned_in_sync``.
+        ``verify=False``: trust the table as left by the last pass instead of reading it (see ``_model``)."""
         result = RouteResult()
-        have = self.dump()
+        verify = verify or self._model is None
+        have = self.dump() if verify else dict(self._model or {})
+        model = dict(have)
         names = self.nl.names()
         index = {name: idx for idx, name in names.items()}
         for cidr, route in sorted(routes.items()):
@@ -115,18 +125,28 @@ class RouteWriter:
                     result.failed[cidr] = f"kernel refused: {exc}"
                     continue
                 result.changed += 1
-                cur = None  # the kernel picked the device: read it back below
-            dev = names.get(cur.oif) if cur is not None and cur.oif is not None else route.dev
+                model[cidr] = cur = KernelRoute(cidr, ROUTE_PROTO, route.blackhole, route.via, oif, route.onlink)
+            dev = names.get(cur.oif) if cur.oif is not None else route.dev
             result.programmed[cidr] = Programmed(route, dev)
-        if result.changed:
-            after = self.dump()  # one dump, not one per written route: a first pass may write thousands
-            for cidr, done in result.programmed.items():
-                kr = after.get(cidr)
-                if done.dev is None and kr is not None and kr.oif is not None:
-                    result.programmed[cidr] = Programmed(done.route, names.get(kr.oif))
+        # Where the kernel picked the device (a direct route), read back which one it took.
+        unknown = [c for c, done in result.programmed.items() if done.dev is None and not done.route.blackhole]
+        if unknown and verify:
+            model = self.dump()  # one dump, not one per route: a first pass may write thousands
+        elif unknown:
+            for cidr in unknown:
+                oif = _device_for(self.nl, cidr)
+                if oif is not None and cidr in model:
+                    model[cidr] = dataclasses.replace(model[cidr], oif=oif)
+        for cidr in unknown:
+            kr = model.get(cidr)
+            if kr is not None and kr.oif is not None:
+                result.programmed[cidr] = Programmed(result.programmed[cidr].route, names.get(kr.oif))
         if in_sync:
             learned_ok = in_sync if learned_in_sync is None else learned_in_sync
             self._remove_stale(have, routes, names, result, learned_ok=learned_ok, withdrawn=set(withdrawn))
+            for cidr in result.removed:
+                model.pop(cidr, None)
+        self._model = model
         for cidr, why in result.failed.items():
             log.warning("route %s: %s", cidr, why)
         return result
@@ -192,6 +212,22 @@ def _lookup(nl: Netlink, cidr: str) -> KernelRoute | None:
         kr = _kernel_route(msg)
         if kr is not None and kr.cidr == cidr:
             return kr
+    return None
+
+
+def _device_for(nl: Netlink, cidr: str) -> int | None:
+    """The device the kernel forwards ``cidr`` through: a targeted route lookup, not a table dump."""
+    net = ipaddress.ip_network(cidr)
+    try:
+        msgs = nl.ipr.route(
+            "get", dst=str(net.network_address), family=socket.AF_INET if net.version == 4 else socket.AF_INET6
+        )
+    except NetlinkError:
+        return None
+    for msg in msgs:
+        oif = msg.get("RTA_OIF")
+        if oif is not None:
+            return int(oif)
     return None
 
 

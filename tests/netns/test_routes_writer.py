@@ -205,3 +205,43 @@ def test_ipip_routes_through_tunl0(netns_bed: NetnsBed) -> None:
     assert a.ns.ping(b.ip)
     b.ns.listen("tcp", 8080)
     assert a.ns.connect("tcp", b.ip, 8080)
+
+
+def test_passes_without_verify_work_from_the_model_and_verifying_passes_repair(netns_bed: NetnsBed) -> None:
+    ul = netns_bed.underlay()
+    n1, n2 = netns_bed.node("n1", ul, 11), netns_bed.node("n2", ul, 12)
+    snap = snapshot([n1, n2], "vxlan")
+    plan = plan_routes(snap, "n1", learned_for("n1", [n1, n2]))
+    nl = Netlink(n1.ns.name)
+    try:
+        links, routes = LinkWriter(nl), RouteWriter(nl)
+        assert not links.apply(plan, True).problems
+        assert not routes.apply(plan.routes, True).failed
+        # Someone removes our route and neighbour behind our back.
+        n1.ns.ip("route", "del", "10.244.2.0/26", "proto", "80")
+        n1.ns.ip("neigh", "del", "10.244.0.2", "dev", VXLAN_DEVICE)
+        # An event-driven pass trusts its model: it writes only what the plan changed (here: a new remote block).
+        more = plan_routes(
+            snap, "n1", [*learned_for("n1", [n1, n2]), LearnedRoute("10.244.5.0/26", n2.address, n2.address)]
+        )
+        assert not links.apply(more, True, verify=False).problems
+        fast = routes.apply(more.routes, True, verify=False)
+        assert fast.changed == 1 and not fast.failed
+        assert fast.programmed["10.244.5.0/26"].dev == VXLAN_DEVICE
+        assert "10.244.5.0/26 via 10.244.0.2 dev vxlan.podnet onlink" in podnet_routes(n1)
+        assert "10.244.2.0/26 via 10.244.0.2 dev vxlan.podnet onlink" not in podnet_routes(n1)
+        # A withdrawal on the fast path is removed at once.
+        assert routes.apply(plan.routes, True, verify=False).removed == ["10.244.5.0/26"]
+        # The periodic verifying pass puts back what was taken.
+        assert not links.apply(plan, True).problems
+        assert routes.apply(plan.routes, True).changed == 1
+        assert "10.244.2.0/26 via 10.244.0.2 dev vxlan.podnet onlink" in podnet_routes(n1)
+        assert "10.244.0.2 lladdr" in n1.ns.ip("neigh", "show", "dev", VXLAN_DEVICE)
+        # Direct routes: the device the kernel chose is reported on the fast path too.
+        direct = plan_routes(snapshot([n1, n2], "none"), "n1", learned_for("n1", [n1, n2]))
+        links.apply(direct, True, verify=False)
+        done = routes.apply(direct.routes, True, verify=False)
+        assert done.programmed["10.244.2.0/26"].dev == "eth0"
+        assert f"10.244.2.0/26 via {n2.address} dev eth0" in podnet_routes(n1)
+    finally:
+        nl.close()
