@@ -4,8 +4,8 @@
 
 For each size (pods:policies) a child process (so its peak RSS is its own) fills a fresh etcd with a synthetic
 cluster (bench/policy_model.py; 100 pods local to the node), then runs the real agent path: datastore watcher →
-cache → compiler (agent.calc.policy) → PolicySyncer → iptables-restore / ipset restore into a node network
-namespace. It measures
+cache → incremental compiler (agent.calc.policy.PolicyCompiler) → PolicySyncer → iptables-restore / ipset restore
+into a node network namespace. It measures
 
 - cold sync: from the cache being in sync to the rules in the kernel, split into compile and write; and the time
   a bare ``ipset restore`` + ``iptables-restore`` of the same final text takes in a fresh namespace (the floor);
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.cache import Cache
-from agent.calc.policy import compile_node
+from agent.calc.policy import PolicyCompiler, compile_node
 from agent.dataplane.backend import Backend
 from agent.dataplane.cmd import Runner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
@@ -72,13 +72,14 @@ def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -
         ns = bed.netns("lat")
         runner = Runner(ns.name)
         cache_ref: list[Cache] = []
+        compiler = PolicyCompiler()  # incremental, as the agent runs it
 
         def desired() -> Desired | None:
             snap = cache_ref[0].snapshot()
             if not snap.in_sync:
                 return None
             t = time.perf_counter()
-            state = compile_node(snap, NODE).state
+            state = compile_node(snap, NODE, compiler).state
             compile_s[snap.revision] = time.perf_counter() - t
             return Desired(snap.revision, state)
 

@@ -65,18 +65,19 @@ def _from_etcd(
     endpoints: list[str], node: str
 ) -> tuple[Callable[[], Desired | None], Callable[[PolicySyncer, threading.Event], None]]:
     from agent.cache import Cache
-    from agent.calc.policy import compile_node
+    from agent.calc.policy import PolicyCompiler, compile_node
     from datastore.etcd import EtcdClient
 
     client = EtcdClient(endpoints)
     syncers: list[PolicySyncer] = []  # the cache is told where changes go once the syncer exists
     cache = Cache(client, on_change=lambda: syncers[0].mark_dirty() if syncers else None)
+    compiler = PolicyCompiler()  # incremental: a change costs what it touches (used from the syncer thread only)
 
     def desired() -> Desired | None:
         snap = cache.snapshot()
         if not snap.in_sync:
             return None
-        result = compile_node(snap, node)
+        result = compile_node(snap, node, compiler)
         for status in result.rejected:
             logging.warning("policy rejected: %s", status)
         return Desired(snap.revision, result.state)
