@@ -53,7 +53,7 @@ def worker(endpoint: str, node: str, wid: int, count: int, journal: str) -> None
             handle, pod = f"w{wid}-{i}", f"pod{i}"
             out.write(f"add {handle}\n")
             ip = ipam.auto_assign(handle, node, pod=f"ns{wid}/{pod}")
-            time.sleep(rng.uniform(0, 0.004))  # where the CNI would create the veth
+            time.sleep(rng.uniform(0, 0.01))  # where the CNI would create the veth
             store.put(m.Endpoint(node, f"ns{wid}", pod, "eth0", "cali0", (f"{ip}/32",), handle=handle))
             out.write(f"added {handle} {ip}\n")
             live.append((handle, pod))
@@ -61,7 +61,7 @@ def worker(endpoint: str, node: str, wid: int, count: int, journal: str) -> None
                 gone, gone_pod = live.pop(rng.randrange(len(live)))
                 out.write(f"del {gone}\n")
                 client.delete(k.EndpointKey(node, f"ns{wid}", gone_pod, "eth0").path)
-                time.sleep(rng.uniform(0, 0.002))
+                time.sleep(rng.uniform(0, 0.005))
                 ipam.release_handle(gone)
                 out.write(f"deleted {gone}\n")
     client.close()
@@ -77,7 +77,11 @@ def read_journal(path: Path) -> tuple[dict[str, str], set[str], str | None]:
     for line in path.read_text().split("\n")[:-1]:  # the part after the last newline may be torn by the kill
         parts = line.split()
         match parts:
-            case ["add", h] | ["del", h]:
+            case ["add", h]:
+                in_flight = h
+            case ["del", h]:
+                # Its fate is unknown until "deleted": etcd tells (endpoint still there = still a pod).
+                live.pop(h, None)
                 in_flight = h
             case ["added", h, ip]:
                 live[h] = ip
