@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ESTABLISHED = "Established"
 ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
 RELOAD_TIMEOUT = 10.0
+RETRY_DELAY = 0.5
 BRIDGE_TIMEOUT = 15.0  # ExaBGP running without a bridge connected for this long is restarted
 REFRESH_GRACE = 5.0  # after a bridge restart: how long peers get to re-send their routes on route refresh
 _HOLD_EXPIRED = re.compile(r"hold.?tim|\(4,\s*0\)|code 4\b", re.IGNORECASE)
@@ -678,8 +679,10 @@ class Speaker:
         with self._lock:
             desired = outbound(self.identity, self._peers.values(), self._own, self._rib, self._router_ids)
             plan = _diff(desired, self._sent, self._unsure)
+        failed = False
         for line, updates in plan:
             ok, _ = conn.call(line)
+            failed |= not ok
             with self._lock:
                 for address, prefix, route in updates:
                     if address not in self._peers:
@@ -719,6 +722,8 @@ class Speaker:
             more = bool(plan or self._reload_pending or self._eor_pending or self._refresh_pending)
         if changed:
             self._changed()
+        if failed:
+            return RETRY_DELAY  # ExaBGP refused a command: retry the difference, without hammering it
         if more:
             return 0.0
         if next_deadline is not None:

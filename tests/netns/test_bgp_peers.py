@@ -13,7 +13,7 @@ from bgp.plan import plan_peers
 from bgp.speaker import Speaker
 from datastore import model as m
 from testbed.netns import NetnsBed
-from tests.netns.test_bgp_support import FAST, Bird, BirdPeer, established, make_cluster, speakers, wait
+from tests.netns.test_bgp_support import FAST, Bird, BirdPeer, established, make_cluster, settled, speakers, wait
 
 pytestmark = pytest.mark.netns
 
@@ -81,16 +81,19 @@ def test_global_peer_md5_and_policy(netns_bed: NetnsBed, tmp_path: Path) -> None
             assert bird.routes()[BLOCKS[n]]["via"] == addr[n]
 
         # accepting the peer's routes: no session is reset (only a route refresh), the route appears
+        # connection collisions can bounce a session that just came up: start from settled sessions
+        wait(lambda: all(settled(sp[n], 1.5) for n in "abc"), 15, "sessions settled")
         since = {n: {p.address: p.since for p in sp[n].peer_status()} for n in "abc"}
         configure(replace(x, accept_routes=True))
         wait(lambda: all(OUTSIDE in sp[n].best_routes() for n in "abc"), 10, "outside route accepted")
         assert all(sp[n].best_routes()[OUTSIDE].next_hop == x_ip for n in "abc")
-        assert {n: {p.address: p.since for p in sp[n].peer_status()} for n in "abc"} == since
+        after = {n: {p.address: p.since for p in sp[n].peer_status()} for n in "abc"}
+        assert after == since, "accepting routes reset a session"
 
         # a changed password re-establishes only that session (and breaks it: BIRD keeps the old one)
         configure(replace(x, accept_routes=True, password="another"))
         wait(lambda: all(_status(sp[n], x_ip)[0] != "Established" for n in "abc"), 15, "x sessions reset")
         for n in "abc":
             mesh_since = {p.address: p.since for p in sp[n].peer_status() if p.kind == "node-to-node mesh"}
-            assert mesh_since == {a: s for a, s in since[n].items() if a in mesh_since}
+            assert mesh_since == {a: s for a, s in since[n].items() if a in mesh_since}, f"{n}: a mesh session reset"
             assert established(sp[n], mesh_since)

@@ -3,6 +3,7 @@ namespaces, and readers of what each of them received."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
@@ -79,6 +80,16 @@ def established(sp: Speaker, addresses: Iterable[str] | None = None) -> bool:
     states = {p.address: p.state for p in sp.peer_status() if p.state != "Invalid"}
     wanted = set(addresses) if addresses is not None else set(states)
     return all(states.get(a) == "Established" for a in wanted)
+
+
+def settled(sp: Speaker, seconds: float) -> bool:
+    """Every usable session Established for at least ``seconds``."""
+    now = dt.datetime.now(dt.UTC)
+    return all(
+        p.state == "Established" and (now - dt.datetime.fromisoformat(p.since)).total_seconds() >= seconds
+        for p in sp.peer_status()
+        if p.state != "Invalid"
+    )
 
 
 def wait(pred: object, timeout: float = 20.0, what: str = "") -> None:
