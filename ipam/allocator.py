@@ -327,11 +327,11 @@ class Ipam:
 
     def _claim_block(self, node: str, pools: Sequence[m.IPPool]) -> str:
         """Claim the first free block of ``pools`` for ``node``: "claimed", "conflict" (lost a race), or "none"."""
-        taken = {bv.value.cidr for bv in self.store.list(k.BLOCKS_PREFIX, m.Block)}
-        taken |= {kv.key for kv in self.client.get_prefix(k.BLOCKS_PREFIX)[0]}  # malformed values still occupy
+        # Keys, not decoded values: a block key holding a malformed value still occupies its CIDR.
+        taken = {kv.key for kv in self.client.get_prefix(k.BLOCKS_PREFIX)[0]}
         for pool in pools:
             for cidr in pool_blocks(pool):
-                if cidr in taken or k.BlockKey(cidr).path in taken:
+                if k.BlockKey(cidr).path in taken:
                     continue
                 block = m.Block(cidr, f"node:{node}", {})
                 bpath, apath = k.BlockKey(cidr).path, k.AffinityKey(node, cidr).path
