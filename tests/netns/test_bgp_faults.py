@@ -23,6 +23,7 @@ from tests.netns.test_bgp_support import (
     BirdPeer,
     established,
     make_cluster,
+    settled,
     speakers,
     start_speaker,
     wait,
@@ -137,6 +138,7 @@ def test_killed_bridge_is_respawned_and_resynchronised(netns_bed: NetnsBed) -> N
     cl = make_cluster(netns_bed, [("a", 11), ("b", 12)])
     with speakers(cl, "ab") as sp:
         _mesh(sp, cl.models)
+        wait(lambda: all(settled(s, 1.0) for s in sp.values()), 15, "sessions settled")
         since = {p.address: p.since for s in sp.values() for p in s.peer_status()}
         exabgp, bridge = sp["a"].exabgp_pid, sp["a"].bridge_pid
         assert bridge is not None

@@ -7,7 +7,7 @@ import pytest
 from bgp.plan import plan_peers
 from datastore import model as m
 from testbed.netns import NetnsBed
-from tests.netns.test_bgp_support import FAST, established, make_cluster, speakers, wait
+from tests.netns.test_bgp_support import FAST, established, make_cluster, settled, speakers, wait
 
 pytestmark = pytest.mark.netns
 
@@ -55,6 +55,7 @@ def test_peer_set_changes_keep_unrelated_sessions(netns_bed: NetnsBed) -> None:
             sp[name].set_peers(plan_peers(name, three, cfg, (), FAST))
             sp[name].announce([blocks[name]])
         wait(lambda: all(established(sp[n]) and len(sp[n].best_routes()) == 2 for n in "abc"), 20, "3-node mesh")
+        wait(lambda: all(settled(sp[n], 1.0) for n in "abc"), 15, "sessions settled")
         since = {n: {p.address: p.since for p in sp[n].peer_status()} for n in "abc"}
 
         # d joins: everyone gains a session; the existing ones are not reset
