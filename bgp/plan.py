@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from datastore import keys
 from datastore import model as m
 
 MESH = "node-to-node mesh"
@@ -180,6 +181,20 @@ def peer_config_errors(bgp_peers: Iterable[m.BGPPeer], nodes: Mapping[str, m.Nod
         if peer.node is not None and peer.node not in nodes:
             errors[peer.name] = f"node {peer.node!r} does not exist"
     return errors
+
+
+def malformed_peer_errors(malformed: Mapping[str, str]) -> dict[str, str]:
+    """BGPPeer records the datastore refused to decode (bad AS number, bad peer address, over-long password…), by
+    peer name, from a watcher's ``malformed`` map (key -> reason): so status can list them with their reason."""
+    out: dict[str, str] = {}
+    for path, reason in malformed.items():
+        try:
+            key = keys.parse_key(path)
+        except keys.InvalidKey:
+            continue
+        if isinstance(key, keys.BGPPeerKey):
+            out[key.name] = reason
+    return out
 
 
 def plan_announcements(

@@ -141,3 +141,19 @@ def test_announcements_blocks_and_borrowed_addresses() -> None:
     }
     assert plan_announcements("b", blocks, affinities, eps) == {"10.244.2.0/26"}
     assert plan_announcements("c", blocks, affinities, eps) == frozenset()
+
+
+def test_malformed_peer_records_are_named_with_their_reason() -> None:
+    from bgp.plan import malformed_peer_errors
+    from datastore import keys
+
+    malformed = {
+        keys.BGPPeerKey("tor").path: "asNumber: must be at most 4294967295",
+        keys.BGPPeerKey("md5").path: "password: must be 1..80 bytes (TCP-MD5 key limit)",
+        keys.NodeKey("a").path: "ip: required",
+        "/elsewhere/x": "not ours",
+    }
+    assert malformed_peer_errors(malformed) == {
+        "tor": "asNumber: must be at most 4294967295",
+        "md5": "password: must be 1..80 bytes (TCP-MD5 key limit)",
+    }
