@@ -12,10 +12,8 @@ without it.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import logging
 import os
-import queue
 import re
 import signal
 import socket
@@ -23,21 +21,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgp import commands, events, exabgp_conf
 from bgp.commands import OutRoute
+from bgp.link import BridgeLink, BridgeLost
 from bgp.outbound import accepts, outbound
 from bgp.plan import PeerSpec, SpeakerIdentity
 from bgp.rib import LearnedRoute, Rib
-from datastore.model import BGPPeerStatus
+from bgp.session import ESTABLISHED, PeerState, Session, md5_failures
+from bgp.sync import diff, parse_neighbors, session_fields
 
 log = logging.getLogger(__name__)
 
-ESTABLISHED = "Established"
-ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
 RELOAD_TIMEOUT = 10.0
 RETRY_DELAY = 0.5
 BRIDGE_TIMEOUT = 15.0  # ExaBGP running without a bridge connected for this long is restarted
@@ -61,91 +59,6 @@ class SpeakerConfig:
     # ExaBGP's reactor waits up to speed/100 s for I/O when idle; 1.0 (its default, 10 ms) delays updates to
     # further peers by up to that much. Lower reacts faster for more idle wake-ups (see bench/results/bgp.md).
     reactor_speed: float = 1.0
-
-
-@dataclass(frozen=True)
-class PeerState:
-    """One peer as operators see it (``agentctl status``)."""
-
-    address: str
-    kind: str
-    name: str
-    state: str  # Idle, Connect, Active, OpenSent, Established; or "Invalid" for a peer with a config error
-    since: str  # ISO 8601, UTC
-    info: str
-    as_number: int
-    prefixes_received: int = 0
-    prefixes_sent: int = 0
-
-    def to_status(self, node: str) -> BGPPeerStatus:
-        return BGPPeerStatus(
-            node=node,
-            peer_ip=self.address,
-            peer_type=self.kind,
-            state=self.state,
-            since=self.since,
-            info=self.info,
-            as_number=self.as_number,
-            prefixes_received=self.prefixes_received,
-            prefixes_sent=self.prefixes_sent,
-        )
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class _Session:
-    state: str = "Active"
-    since: str = field(default_factory=_now)
-    info: str = ""
-    stale_until: float | None = None  # monotonic deadline of the peer's graceful-restart timer
-    md5_baseline: tuple[int, int] = (0, 0)
-
-    def set(self, state: str, info: str = "") -> None:
-        if state != self.state:
-            self.since = _now()
-        self.state = state
-        self.info = info
-
-
-class BridgeLost(Exception):
-    pass
-
-
-class _Conn:
-    """The bridge's connection: commands out, acks (with any command output) back."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.acks: queue.Queue[tuple[bool, str, list[str]] | None] = queue.Queue()
-        self.text: list[str] = []
-        self.bridge_pid: int | None = None
-        self.closed = False
-
-    def call(self, line: str) -> tuple[bool, list[str]]:
-        try:
-            self.sock.sendall((line + "\n").encode())
-        except OSError:
-            raise BridgeLost() from None
-        try:
-            ack = self.acks.get(timeout=ACK_TIMEOUT)
-        except queue.Empty:
-            raise BridgeLost() from None
-        if ack is None:
-            raise BridgeLost()
-        ok, why, text = ack
-        if not ok:
-            log.warning("ExaBGP refused %r: %s", line, why)
-        return ok, text
-
-    def close(self) -> None:
-        self.closed = True
-        self.acks.put(None)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 class Speaker:
@@ -172,7 +85,7 @@ class Speaker:
         self._rib = Rib()
         self._router_ids: dict[str, str] = {}
         self._peer_gr: dict[str, int | None] = {}
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}
         self._sent: dict[str, dict[str, OutRoute]] = {}
         self._unsure: dict[str, set[str]] = {}  # prefixes ExaBGP may hold for a peer (after a bridge restart)
         self._eor_pending: set[str] = set()
@@ -183,7 +96,7 @@ class Speaker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0  # ExaBGP processes started so far
         self._bridge_generation = -1  # the ExaBGP generation the last bridge connection belonged to
-        self._conn: _Conn | None = None
+        self._conn: BridgeLink | None = None
         self._server: socket.socket | None = None
         self._restarts = 0
         self._no_bridge_since: float | None = None
@@ -261,15 +174,15 @@ class Speaker:
                 old = self._peers.get(address)
                 if old == spec:
                     continue
-                if old is not None and _session_fields(old) == _session_fields(spec):
+                if old is not None and session_fields(old) == session_fields(spec):
                     # Only our import policy changed: the session stays; drop or re-ask for the peer's routes.
                     if not spec.accept_routes:
                         self._rib.drop_peer(address)
                         changed = True
-                    elif self._sessions.get(address, _Session()).state == ESTABLISHED:
+                    elif self._sessions.get(address, Session()).state == ESTABLISHED:
                         self._refresh_pending.add(address)
                     continue
-                self._sessions[address] = _Session(md5_baseline=self._md5_failures())
+                self._sessions[address] = Session(md5_baseline=self._md5_failures())
                 if old is not None:
                     # ExaBGP re-creates a changed neighbor, and its Adj-RIB-Out may go with it: send it all again
                     # (after the reload, which ExaBGP runs before it reads our next command).
@@ -297,7 +210,7 @@ class Speaker:
             md5 = self._md5_failures()
             out: list[PeerState] = []
             for address, spec in sorted(self._peers.items()):
-                s = self._sessions.setdefault(address, _Session())
+                s = self._sessions.setdefault(address, Session())
                 info = s.info
                 # The kernel counts per namespace, not per peer: blame only sessions that are down and whose
                 # configuration matches the kind of failure.
@@ -450,7 +363,7 @@ class Speaker:
         self._eor_pending.clear()
         now = time.monotonic()
         for address, spec in self._peers.items():
-            s = self._sessions.setdefault(address, _Session())
+            s = self._sessions.setdefault(address, Session())
             s.set("Idle", why)
             self._hold_or_drop(address, spec.graceful_restart_time, now)
 
@@ -473,14 +386,14 @@ class Speaker:
                 sock, _ = self._server.accept()
             except OSError:
                 return
-            conn = _Conn(sock)
+            conn = BridgeLink(sock)
             with self._lock:
                 old, self._conn = self._conn, conn
             if old is not None:
                 old.close()
             threading.Thread(target=self._read, args=(conn,), name="bgp-bridge-reader", daemon=True).start()
 
-    def _read(self, conn: _Conn) -> None:
+    def _read(self, conn: BridgeLink) -> None:
         buf = b""
         try:
             while True:
@@ -505,7 +418,7 @@ class Speaker:
                     self._conn = None
                     self._kick()
 
-    def _line(self, conn: _Conn, line: str) -> bool:
+    def _line(self, conn: BridgeLink, line: str) -> bool:
         kind, _, rest = line.partition(" ")
         if kind == "ack":
             ok = rest.startswith("done")
@@ -551,7 +464,7 @@ class Speaker:
         spec = self._peers.get(event.peer)
         if spec is None:
             return False
-        s = self._sessions.setdefault(event.peer, _Session())
+        s = self._sessions.setdefault(event.peer, Session())
         now = time.monotonic()
         if isinstance(event, events.StateEvent):
             if event.state == "up":
@@ -595,20 +508,8 @@ class Speaker:
         self._wake.notify_all()
 
     def _md5_failures(self) -> tuple[int, int]:
-        """TCP-MD5 segments the kernel dropped in ExaBGP's namespace: (bad or missing signature — what a peer we
-        hold a key for causes; signed but we hold no key — what a peer we hold none for causes)."""
         proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return (0, 0)
-        try:
-            lines = Path(f"/proc/{proc.pid}/net/netstat").read_text().splitlines()
-        except OSError:
-            return (0, 0)
-        for head, values in zip(lines[::2], lines[1::2], strict=False):
-            if head.startswith("TcpExt:"):
-                t = {k: int(v) for k, v in zip(head.split()[1:], values.split()[1:], strict=False)}
-                return (t.get("TCPMD5Failure", 0) + t.get("TCPMD5NotFound", 0), t.get("TCPMD5Unexpected", 0))
-        return (0, 0)
+        return md5_failures(None if proc is None or proc.poll() is not None else proc.pid)
 
     def _best_changed(self) -> bool:
         best = self._rib.best()
@@ -668,7 +569,7 @@ class Speaker:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    def _step(self, conn: _Conn) -> float:
+    def _step(self, conn: BridgeLink) -> float:
         """One round: reload if the peers changed, sync announcements, send End-of-RIBs and refreshes, expire
         stale routes. Returns how long to sleep (0: there may be more to do)."""
         with self._lock:
@@ -678,7 +579,7 @@ class Speaker:
             self._reload(conn, resync)
         with self._lock:
             desired = outbound(self.identity, self._peers.values(), self._own, self._rib, self._router_ids)
-            plan = _diff(desired, self._sent, self._unsure)
+            plan = diff(desired, self._sent, self._unsure)
         failed = False
         for line, updates in plan:
             ok, _ = conn.call(line)
@@ -695,7 +596,7 @@ class Speaker:
                         else:
                             table[prefix] = route
         with self._lock:
-            eors = sorted(a for a in self._eor_pending if self._sessions.get(a, _Session()).state == ESTABLISHED)
+            eors = sorted(a for a in self._eor_pending if self._sessions.get(a, Session()).state == ESTABLISHED)
             self._eor_pending.clear()
             refresh = sorted(self._refresh_pending)
             self._refresh_pending.clear()
@@ -730,19 +631,19 @@ class Speaker:
             return max(0.01, min(1.0, next_deadline - time.monotonic()))
         return 1.0
 
-    def _reload(self, conn: _Conn, resync: bool = False) -> None:
+    def _reload(self, conn: BridgeLink, resync: bool = False) -> None:
         """Have ExaBGP re-read its configuration, then wait until its sessions match it (the reload runs
         asynchronously after the ack), and take the sessions' states from it."""
         conn.call(commands.RELOAD)
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while time.monotonic() < deadline:
             ok, text = conn.call(commands.SHOW_NEIGHBORS)
-            seen = _parse_neighbors(text) if ok else None
+            seen = parse_neighbors(text) if ok else None
             with self._lock:
                 wanted = set(self._peers)
                 if seen is not None and set(seen) == wanted:
                     for address, up in seen.items():
-                        s = self._sessions.setdefault(address, _Session())
+                        s = self._sessions.setdefault(address, Session())
                         if up and s.state != ESTABLISHED:
                             s.set(ESTABLISHED)
                         elif not up and s.state == ESTABLISHED and resync:
@@ -752,46 +653,3 @@ class Speaker:
                     return
             time.sleep(0.02)
         log.warning("ExaBGP for %s did not load its new configuration in %ss", self.identity.node, RELOAD_TIMEOUT)
-
-
-def _session_fields(spec: PeerSpec) -> PeerSpec:
-    """The parts of a peer that ExaBGP's session depends on (the rest is our own policy)."""
-    return replace(spec, accept_routes=True, kind="", name="", rr_client=False)
-
-
-def _parse_neighbors(text: Sequence[str]) -> dict[str, bool] | None:
-    import json
-
-    try:
-        doc = json.loads("\n".join(text))
-        return {str(n["peer"]["address"]): str(n.get("fsm", "")).lower() == "established" for n in doc}
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-Update = tuple[str, str, OutRoute | None]
-
-
-def _diff(
-    desired: dict[str, dict[str, OutRoute]],
-    sent: dict[str, dict[str, OutRoute]],
-    unsure: dict[str, set[str]],
-) -> list[tuple[str, list[Update]]]:
-    """Commands that take ExaBGP from ``sent`` to ``desired``, one per distinct route (to all the peers that need
-    it) and one per withdrawn prefix."""
-    announces: dict[OutRoute, list[str]] = {}
-    withdraws: dict[str, list[str]] = {}
-    for address, routes in desired.items():
-        have = sent.get(address, {})
-        for prefix, route in routes.items():
-            if have.get(prefix) != route:
-                announces.setdefault(route, []).append(address)
-        maybe = set(have) | unsure.get(address, set())
-        for prefix in maybe - set(routes):
-            withdraws.setdefault(prefix, []).append(address)
-    out: list[tuple[str, list[Update]]] = []
-    for prefix, addresses in sorted(withdraws.items()):
-        out.append((commands.withdraw(sorted(addresses), prefix), [(a, prefix, None) for a in addresses]))
-    for route, addresses in sorted(announces.items(), key=lambda kv: (kv[0].prefix, kv[1])):
-        out.append((commands.announce(sorted(addresses), route), [(a, route.prefix, route) for a in addresses]))
-    return out

@@ -102,7 +102,7 @@ def test_best_path_and_staleness() -> None:
 
 
 def test_speaker_diff_groups_commands_and_withdraws_what_it_is_unsure_of() -> None:
-    from bgp.speaker import _diff
+    from bgp.sync import diff as _diff
 
     own = OutRoute("10.244.1.0/26", "10.0.0.11")
     refl = OutRoute("10.244.2.0/26", "10.0.0.12", None, (), "10.0.0.12", ("1.0.0.1",))

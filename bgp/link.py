@@ -1,0 +1,50 @@
+"""The speaker's end of the bridge connection: one command at a time, each answered by ExaBGP's ack."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 35.0  # longer than the bridge's own, so the bridge gives up first
+
+
+class BridgeLost(Exception):
+    pass
+
+
+class BridgeLink:
+    """The bridge's connection: commands out, acks (with any command output) back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.acks: queue.Queue[tuple[bool, str, list[str]] | None] = queue.Queue()
+        self.text: list[str] = []
+        self.bridge_pid: int | None = None
+        self.closed = False
+
+    def call(self, line: str) -> tuple[bool, list[str]]:
+        try:
+            self.sock.sendall((line + "\n").encode())
+        except OSError:
+            raise BridgeLost() from None
+        try:
+            ack = self.acks.get(timeout=ACK_TIMEOUT)
+        except queue.Empty:
+            raise BridgeLost() from None
+        if ack is None:
+            raise BridgeLost()
+        ok, why, text = ack
+        if not ok:
+            log.warning("ExaBGP refused %r: %s", line, why)
+        return ok, text
+
+    def close(self) -> None:
+        self.closed = True
+        self.acks.put(None)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
