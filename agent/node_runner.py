@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graceful-restart-time", type=int, default=Defaults.graceful_restart_time)
     parser.add_argument("--resync", type=float, default=10.0)
     parser.add_argument("--startup-grace", type=float, default=30.0)
+    parser.add_argument("--status-ttl", type=int, default=20, help="lease TTL of the status keys (seconds)")
     parser.add_argument(
         "--withdraw-on-exit",
         action="store_true",
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         bgp_defaults=Defaults(hold_time=args.hold_time, graceful_restart_time=args.graceful_restart_time),
         resync=args.resync,
         startup_grace=args.startup_grace,
+        status_ttl=args.status_ttl,
     )
     client = EtcdClient([e.strip() for e in args.etcd_endpoints.split(",") if e.strip()])
     done = threading.Event()

@@ -37,7 +37,7 @@ for command in COMMANDS:
 
 def main() -> int:
     try:
-        cli.main(prog_name="agentctl", standalone_mode=False)
+        rc = cli.main(prog_name="agentctl", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
@@ -45,7 +45,8 @@ def main() -> int:
         return exc.exit_code
     except click.exceptions.Abort:
         return 1
-    return 0
+    # Without standalone mode click returns the code of a command's ctx.exit(n) instead of raising it.
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ continuously while it happens)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.netns
 
 NAMES = ("n1", "n2", "n3")
 HOLD = 9
+STATUS_TTL = 3
 
 
 def has_route(mesh: Mesh, node: str, cidr: str) -> bool:
@@ -40,7 +43,7 @@ def wait_converged(mesh: Mesh) -> None:
 def test_a_dead_nodes_routes_are_withdrawn_within_the_hold_time(
     netns_bed: NetnsBed, etcd: EtcdClient, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
-    args = ("--hold-time", str(HOLD), "--graceful-restart-time", "0")
+    args = ("--hold-time", str(HOLD), "--graceful-restart-time", "0", "--status-ttl", str(STATUS_TTL))
     mesh = make_mesh(netns_bed, etcd, etcd_server, tmp_path, "none", runner_args=args)
     try:
         for name in NAMES:
@@ -57,6 +60,30 @@ def test_a_dead_nodes_routes_are_withdrawn_within_the_hold_time(
         )
         assert took < HOLD
         assert has_route(mesh, "n1", block_of(2))  # nothing else moved
+
+        # What n3 said about itself was bound to its lease: gone within the TTL; agentctl says it is not running.
+        def n3_status_gone() -> bool:
+            kvs, _ = etcd.get_prefix(k.routes_prefix("n3"))
+            return not kvs and etcd.get(k.AgentStatusKey("n3").path) is None
+
+        wait_for(n3_status_gone, STATUS_TTL + 3, "n3's status keys expire with its lease", mesh)
+        ctl = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.ctl.main",
+                "--etcd-endpoints",
+                etcd_server.endpoint,
+                "status",
+                "--node",
+                "n3",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert ctl.returncode == 1 and "is not running" in ctl.stdout
+        assert etcd.get(k.AgentStatusKey("n1").path) is not None  # the living keep theirs
 
         # n2 vanishes from the network first, then dies: nothing tells n1; its hold timer must.
         mesh.bed.namespaces[0].ip("link", "set", "p-n2", "down")  # n2's port on the underlay bridge
