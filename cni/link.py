@@ -1,32 +1,45 @@
-"""Kernel side of a pod attachment, done with iproute2 (``ip -batch``) and /proc/sys writes.
+"""Kernel side of a pod attachment: veth pair, host sysctls, the /32 route, the pod's address and routes.
 
-Why iproute2 and not pyroute2: the plugin must be quick in a fresh process, and pyroute2 costs ~0.3 s to import
-here and forks a helper process to open a socket in another namespace; ``ip`` starts in ~3 ms and one
-``ip -n <ns> -batch -`` configures each side. The host side is the current network
-namespace (the node's) unless the config names another (``hostNetns``: the test bed and the lab, whose nodes are
-network namespaces while etcd listens on the machine's loopback). The pod's gateway is the link-local
-169.254.1.1, answered by proxy ARP on the host veth.
+Netlink in-process with pyroute2; another network namespace is entered by the *calling thread only*
+(``setns(2)`` applies per thread), and a netlink socket opened there stays bound to that namespace. So the server
+configures many pods at once with no helper process: measured here ~6 ms per attachment, against ~15-30 ms for the
+same work with four ``ip``/``nsenter`` executions (each a fork of the server). pyroute2's own netns support forks a
+child to open each socket, which is what this avoids.
+
+The host side is the current namespace (the node's) unless the config names another (``hostNetns``: the test bed
+and the lab, whose nodes are network namespaces while etcd listens on the machine's loopback). The pod's gateway is
+the link-local 169.254.1.1, answered by proxy ARP on the host veth.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
-import json
 import os
-import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from datastore.constants import ROUTE_PROTO
 
 GATEWAY = "169.254.1.1"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"  # every host veth: the pod only ever talks to its gateway, proxied here
-TIMEOUT = 20.0
-NAMED_NETNS_DIRS = ("/var/run/netns", "/run/netns")  # where `ip -n NAME` looks
+SCOPE_LINK = 253
+PROTO_BOOT = 3  # what `ip route add` uses; inside the pod nothing else writes routes
+IFF_UP = 0x1
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+T = TypeVar("T")
 
 
 class LinkError(Exception):
-    """A kernel operation failed (message from iproute2)."""
+    """A kernel operation failed."""
 
 
 def host_ifname(namespace: str, pod: str) -> str:
@@ -40,51 +53,88 @@ def pod_mac(container_id: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x0A | (digest[0] & 0xF0), *digest[1:6]))
 
 
-def _run(cmd: list[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    if proc.returncode != 0:
-        raise LinkError(f"{' '.join(cmd[:4])}…: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise LinkError(f"setns: {os.strerror(err)}")
 
 
-def ip_cmd(netns: str | None) -> list[str]:
-    """``ip`` acting in ``netns`` (a path; None: our own): ``ip -n NAME`` for a named namespace (one exec),
-    ``nsenter`` for any other path (e.g. /proc/<pid>/ns/net)."""
-    if netns is None:
-        return ["ip"]
-    if os.path.dirname(netns) in NAMED_NETNS_DIRS:
-        return ["ip", "-n", os.path.basename(netns)]
-    return ["nsenter", f"--net={netns}", "ip"]
+def in_netns(path: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` with this thread in the network namespace at ``path`` (None: stay), then come back."""
+    if path is None:
+        return fn()
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise LinkError(f"network namespace {path}: {exc.strerror}") from None
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            return fn()
+        finally:
+            _setns(own)  # if this failed the thread would be lost in the pod: LinkError ends the request
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+@contextlib.contextmanager
+def rtnl(netns: str | None) -> Iterator[IPRoute]:
+    """A netlink socket bound to ``netns`` (opened from inside it), usable from here."""
+    ipr = in_netns(netns, IPRoute)
+    try:
+        yield ipr
+    except NetlinkError as exc:
+        raise LinkError(f"netlink: {os.strerror(exc.code) if exc.code > 0 else exc}") from None
+    finally:
+        ipr.close()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
 
 
 def _sysctls(host_netns: str | None, values: dict[str, str]) -> None:
-    """Set net sysctls of the host namespace: direct /proc writes in our own namespace (no exec)."""
-    if host_netns is not None:
-        _run(["nsenter", f"--net={host_netns}", "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items())])
-        return
-    for key, value in values.items():
-        path = "/proc/sys/" + key.replace(".", "/")
+    """Write net sysctls of the host namespace (/proc/sys/net follows the writing thread's namespace)."""
+
+    def write() -> None:
+        for key, value in values.items():
+            path = "/proc/sys/" + key.replace(".", "/")
+            try:
+                with open(path, "w") as fh:
+                    fh.write(value)
+            except OSError as exc:
+                raise LinkError(f"writing {path}: {exc.strerror}") from None
+
+    in_netns(host_netns, write)
+
+
+def _read_sysctl(host_netns: str | None, key: str) -> str:
+    def read() -> str:
         try:
-            with open(path, "w") as fh:
-                fh.write(value)
-        except OSError as exc:
-            raise LinkError(f"writing {path}: {exc}") from None
+            with open("/proc/sys/" + key.replace(".", "/")) as fh:
+                return fh.read().strip()
+        except OSError:
+            return "?"
 
-
-def exists(ifname: str, host_netns: str | None = None) -> bool:
-    cmd = [*ip_cmd(host_netns), "link", "show", "dev", ifname]
-    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+    return in_netns(host_netns, read)
 
 
 def delete(ifname: str, host_netns: str | None = None) -> bool:
     """Delete a host-side veth (its pod end and its routes go with it). False if it was not there."""
-    cmd = [*ip_cmd(host_netns), "link", "del", "dev", ifname]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode == 0:
+    with rtnl(host_netns) as ipr:
+        idx = _index(ipr, ifname)
+        if idx is None:
+            return False
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return False
+            raise
         return True
-    if "Cannot find device" in proc.stderr or "does not exist" in proc.stderr:
-        return False
-    raise LinkError(f"ip link del {ifname}: {proc.stderr.strip()}")
 
 
 @dataclass(frozen=True)
@@ -98,73 +148,81 @@ class Attachment:
     host_netns: str | None = None  # None: our own namespace is the node's
 
 
-def create(att: Attachment) -> None:
-    """Create and configure both ends: one ``ip -batch`` per side. Raises ``LinkError``; the caller deletes
-    ``host_if`` to undo. A stale veth of the same name (an earlier sandbox of the pod) is replaced."""
-    host_side = (
-        f"link add {att.host_if} mtu {att.mtu} address {HOST_MAC} type veth"
-        f" peer name {att.pod_if} mtu {att.mtu} address {att.mac} netns {att.netns}\n"
-        f"link set {att.host_if} up\n"
-        f"route replace {att.ip}/32 dev {att.host_if} proto {ROUTE_PROTO} scope link\n"
-    )
+def _add_veth(ipr: IPRoute, att: Attachment) -> int:
     try:
-        _run([*ip_cmd(att.host_netns), "-batch", "-"], host_side)
-    except LinkError as exc:
-        if "File exists" not in str(exc):
-            raise
-        delete(att.host_if, att.host_netns)
-        _run([*ip_cmd(att.host_netns), "-batch", "-"], host_side)
-    # Host side: no address; answer ARP for the gateway (and anything routable) at once; forward.
-    _sysctls(
-        att.host_netns,
-        {
-            f"net.ipv4.conf.{att.host_if}.proxy_arp": "1",
-            f"net.ipv4.neigh.{att.host_if}.proxy_delay": "0",
-            f"net.ipv4.conf.{att.host_if}.forwarding": "1",
-        },
-    )
-    pod_side = (
-        f"link set {att.pod_if} up\n"
-        f"addr add {att.ip}/32 dev {att.pod_if}\n"
-        f"route add {GATEWAY} dev {att.pod_if} scope link\n"
-        f"route add default via {GATEWAY} dev {att.pod_if}\n"
-    )
-    _run([*ip_cmd(att.netns), "-batch", "-"], pod_side)
+        pod_fd = os.open(att.netns, os.O_RDONLY)
+    except OSError as exc:
+        raise LinkError(f"container network namespace {att.netns}: {exc.strerror}") from None
+    try:
+        peer: dict[str, Any] = {"ifname": att.pod_if, "mtu": att.mtu, "address": att.mac, "net_ns_fd": pod_fd}
+        ipr.link("add", ifname=att.host_if, kind="veth", mtu=att.mtu, address=HOST_MAC, peer=peer)
+    finally:
+        os.close(pod_fd)
+    idx = _index(ipr, att.host_if)
+    if idx is None:
+        raise LinkError(f"{att.host_if} vanished right after it was created")
+    return idx
 
 
-def _json(out: str) -> list[dict[str, Any]]:
-    data = json.loads(out or "[]")
-    return data if isinstance(data, list) else []
+def create(att: Attachment) -> None:
+    """Create and configure both ends. Raises ``LinkError``; the caller deletes ``host_if`` to undo. A stale veth
+    of the same name (an earlier sandbox of the pod) is replaced."""
+    with rtnl(att.host_netns) as ipr:
+        try:
+            idx = _add_veth(ipr, att)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            old = _index(ipr, att.host_if)
+            if old is not None:
+                ipr.link("del", index=old)
+            idx = _add_veth(ipr, att)
+        # Host side: no address; answer ARP for the gateway (and anything routable) at once; forward.
+        _sysctls(
+            att.host_netns,
+            {
+                f"net.ipv4.conf.{att.host_if}.proxy_arp": "1",
+                f"net.ipv4.neigh.{att.host_if}.proxy_delay": "0",
+                f"net.ipv4.conf.{att.host_if}.forwarding": "1",
+            },
+        )
+        ipr.link("set", index=idx, state="up")
+        ipr.route("replace", dst=f"{att.ip}/32", oif=idx, proto=ROUTE_PROTO, scope=SCOPE_LINK)
+    with rtnl(att.netns) as pod:
+        pidx = _index(pod, att.pod_if)
+        if pidx is None:
+            raise LinkError(f"{att.pod_if} is missing in {att.netns}")
+        pod.link("set", index=pidx, state="up")
+        pod.addr("add", index=pidx, address=att.ip, prefixlen=32)
+        pod.route("add", dst=f"{GATEWAY}/32", oif=pidx, scope=SCOPE_LINK, proto=PROTO_BOOT)
+        pod.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=pidx, proto=PROTO_BOOT)
 
 
 def verify(att: Attachment) -> list[str]:
     """What differs from the intended attachment (empty when all is in place)."""
     problems: list[str] = []
-    host = ip_cmd(att.host_netns)
-    try:
-        links = _json(_run([*host, "-j", "link", "show", "dev", att.host_if]))
-    except LinkError:
-        return [f"host interface {att.host_if} is missing"]
-    if not links or "UP" not in links[0].get("flags", []):
-        problems.append(f"host interface {att.host_if} is not up")
-    routes = _json(_run([*host, "-j", "route", "show", f"{att.ip}/32", "proto", str(ROUTE_PROTO)]))
-    if not any(r.get("dev") == att.host_if for r in routes):
-        problems.append(f"no route {att.ip}/32 dev {att.host_if} proto {ROUTE_PROTO}")
-    try:
-        enter = [] if att.host_netns is None else ["nsenter", f"--net={att.host_netns}"]
-        proxy_arp = _run([*enter, "sysctl", "-n", f"net.ipv4.conf.{att.host_if}.proxy_arp"]).strip()
-    except LinkError:
-        proxy_arp = "?"
-    if proxy_arp != "1":
+    with rtnl(att.host_netns) as ipr:
+        idx = _index(ipr, att.host_if)
+        if idx is None:
+            return [f"host interface {att.host_if} is missing"]
+        if not ipr.link("get", index=idx)[0]["flags"] & IFF_UP:
+            problems.append(f"host interface {att.host_if} is not up")
+        routes = ipr.route("dump", family=2, dst=att.ip, dst_len=32, proto=ROUTE_PROTO)
+        if not any(r.get_attr("RTA_OIF") == idx for r in routes):
+            problems.append(f"no route {att.ip}/32 dev {att.host_if} proto {ROUTE_PROTO}")
+    if _read_sysctl(att.host_netns, f"net.ipv4.conf.{att.host_if}.proxy_arp") != "1":
         problems.append(f"proxy_arp is not on for {att.host_if}")
     try:
-        addrs = _json(_run([*ip_cmd(att.netns), "-j", "-4", "addr", "show", "dev", att.pod_if]))
-        pod_routes = _json(_run([*ip_cmd(att.netns), "-j", "-4", "route", "show", "default"]))
+        with rtnl(att.netns) as pod:
+            pidx = _index(pod, att.pod_if)
+            if pidx is None:
+                return [*problems, f"pod interface {att.pod_if} is missing"]
+            have = {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in pod.addr("dump", family=2, index=pidx)}
+            gateways = {r.get_attr("RTA_GATEWAY") for r in pod.route("dump", family=2, dst_len=0)}
     except LinkError as exc:
-        return [*problems, f"pod interface {att.pod_if}: {exc}"]
-    have = {f"{a.get('local')}/{a.get('prefixlen')}" for x in addrs for a in x.get("addr_info", [])}
+        return [*problems, f"pod side: {exc}"]
     if f"{att.ip}/32" not in have:
         problems.append(f"pod interface {att.pod_if} lacks {att.ip}/32 (has {', '.join(sorted(have)) or 'none'})")
-    if not any(r.get("gateway") == GATEWAY for r in pod_routes):
+    if GATEWAY not in gateways:
         problems.append(f"pod has no default route via {GATEWAY}")
     return problems
