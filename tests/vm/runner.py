@@ -216,7 +216,7 @@ def prepare_initramfs(kdir: Path) -> Path:
 # --- boot ---------------------------------------------------------------------------------------------------------
 
 
-def qemu_command(kdir: Path, initramfs: Path, out: Path, memory: str) -> list[str]:
+def qemu_command(kdir: Path, initramfs: Path, out: Path, memory: str, cpus: int) -> list[str]:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise SystemExit("vm-test: qemu-system-x86_64 not found (scripts/vm-test installs qemu-system-x86)")
@@ -228,7 +228,7 @@ def qemu_command(kdir: Path, initramfs: Path, out: Path, memory: str) -> list[st
         # This machine's /dev/kvm does not boot Debian's kernel: software emulation (measured: boot to init ~3 s).
         "-accel", "tcg,thread=multi",
         "-cpu", "qemu64",
-        "-smp", "1",
+        "-smp", str(cpus),
         "-m", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
         "-serial", "stdio",
@@ -302,6 +302,12 @@ def main(argv: list[str]) -> int:
         default=os.environ.get("PODNET_VM_PYTHON", str(TOP / ".venv/bin/python")),
         help="the host venv's interpreter the guest runs pytest with (default: the checkout's .venv)",
     )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=int(os.environ.get("PODNET_VM_CPUS", str(min(2, os.cpu_count() or 1)))),
+        help="guest vCPUs, each an emulation thread on the host (default: up to 2)",
+    )
     parser.add_argument("--memory", default=os.environ.get("PODNET_VM_MEMORY", "1536"), help="guest RAM, MiB")
     parser.add_argument(
         "--log-dir",
@@ -332,7 +338,7 @@ def main(argv: list[str]) -> int:
         write_job(out, kdir, args.python, pytest_args)
         console = out / "console.log"
         log(f"booting {kdir.name} (pytest {' '.join(pytest_args)})")
-        status = boot(qemu_command(kdir, initramfs, out, args.memory), console, args.timeout)
+        status = boot(qemu_command(kdir, initramfs, out, args.memory, args.cpus), console, args.timeout)
         elapsed = time.monotonic() - prepared
         rc_file = out / "rc"
         if status is None:

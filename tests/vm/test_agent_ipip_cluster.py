@@ -1,7 +1,8 @@
-"""Three nodes in the guest run the agent's code paths end to end over IPIP: IPAM in a real etcd, the agent's
-cache, real ExaBGP speakers exchanging the nodes' blocks, the route and device writers, the policy compiler and its
-iptables/ipset writers. Pods on different nodes talk TCP through tunl0; crossSubnet keeps same-subnet traffic off
-the tunnel; NetworkPolicy holds for traffic that arrives over tunl0, matching the remote pod's own address.
+"""Three nodes in the guest run the agent end to end over IPIP: IPAM in a real etcd, and on each node the agent's
+node runner (its cache, a real ExaBGP speaker exchanging the nodes' blocks, route calculation, the tunl0 and route
+writers, status in etcd), plus the policy compiler and its iptables/ipset writers. Pods on different nodes talk TCP
+through tunl0; crossSubnet keeps same-subnet traffic off the tunnel; NetworkPolicy holds for traffic that arrives
+over tunl0, matching the remote pod's own address; the runner repairs a tunl0 someone broke.
 
 Topology: one L2 segment carrying two subnets (192.168.77.0/25: n1, n2; 192.168.77.128/25: n3) joined by a router
 (the underlay namespace). Two IPIP pools: one always encapsulates, one (crossSubnet) only between subnets.
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bgp.plan import identity, plan_announcements, plan_peers
-from bgp.speaker import Speaker, SpeakerConfig
+from agent.node_runner import NodeRunner, RunnerConfig
+from bgp import speaker
 from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
@@ -31,7 +32,7 @@ from testbed.etcd_server import EtcdServer
 from testbed.netns import NetnsBed, Node, Pod, Underlay
 from testbed.wait import eventually
 from tests.conftest import SESSION_ID
-from tests.vm.agent_steps import podnet_routes, program_policy, program_routes, snapshot, tunl0_packets
+from tests.vm.agent_steps import podnet_routes, program_policy, snapshot, tunl0, tunl0_packets
 
 pytestmark = pytest.mark.needs_ipip
 
@@ -40,6 +41,10 @@ POOL_CROSS = "10.244.64.0/18"  # encapsulation ipip, crossSubnet: tunl0 only to 
 NS = "prod"
 PORT = 8080
 BGP_TIMEOUT = 240.0  # three ExaBGP processes start and peer in ~40 s under emulation; leave room on a busy machine
+RESYNC = 5.0  # the runners' repair pass (each pass reads the kernel and writes status: not free under emulation)
+# The speaker restarts an ExaBGP whose API bridge has not connected within 15 s; three ExaBGPs starting at once under
+# emulation need longer than that, and would be restarted forever.
+EMULATED_BRIDGE_TIMEOUT = 180.0
 
 
 @dataclass
@@ -47,25 +52,25 @@ class Cluster:
     client: EtcdClient
     nodes: dict[str, Node]
     pods: dict[str, Pod]  # a<i>: pod on n<i> from POOL_IPIP; x<i>: pod on n<i> from POOL_CROSS
-    speakers: dict[str, Speaker]
+    runners: dict[str, NodeRunner]
 
-    def converge(self) -> None:
-        """One agent pass on every node: snapshot, routes from the BGP RIB, devices, policy."""
+    def program_policy(self) -> None:
+        """The policy half of an agent pass on every node (the node runner does routes and devices)."""
         snap = snapshot(self.client)
-        for name, node in self.nodes.items():
-            program_routes(snap, node, self.speakers[name].best_routes().values())
+        for node in self.nodes.values():
             program_policy(snap, node)
 
     def block_of(self, pod: str) -> str:
         ip = ipaddress.ip_address(self.pods[pod].ip)
-        return next(b for b in snapshot_blocks(self.client) if ip in ipaddress.ip_network(b))
+        return next(b for b in blocks(self.client) if ip in ipaddress.ip_network(b))
 
     def reach(self, src: str, dst: str, timeout: float = 2.0) -> bool:
         return self.pods[src].ns.connect("tcp", self.pods[dst].ip, PORT, timeout=timeout)
 
 
-def snapshot_blocks(client: EtcdClient) -> list[str]:
-    return [v.value.cidr for v in Store(client).list(k.BLOCKS_PREFIX, m.Block)]
+def blocks(client: EtcdClient) -> dict[str, str | None]:
+    """Every IPAM block and the node it is affine to."""
+    return {v.value.cidr: v.value.affine_node for v in Store(client).list(k.BLOCKS_PREFIX, m.Block)}
 
 
 def two_subnet_underlay(bed: NetnsBed) -> tuple[Underlay, Underlay]:
@@ -84,7 +89,9 @@ def cluster(etcd_server: EtcdServer) -> Iterator[Cluster]:
     client.delete_prefix("/")
     bed = NetnsBed(run_id=f"{SESSION_ID}vm")
     workdir = Path(tempfile.mkdtemp(prefix="podnet-vm-bgp-"))
-    speakers: dict[str, Speaker] = {}
+    runners: dict[str, NodeRunner] = {}
+    patch = pytest.MonkeyPatch()
+    patch.setattr(speaker, "BRIDGE_TIMEOUT", EMULATED_BRIDGE_TIMEOUT)
     try:
         store = Store(client)
         add_pool(store, m.IPPool(POOL_IPIP, encapsulation="ipip"))
@@ -109,39 +116,31 @@ def cluster(etcd_server: EtcdServer) -> Iterator[Cluster]:
                 store.put(m.Endpoint(name, NS, pod, "eth0", pods[pod].host_iface, ips=(f"{ip}/32",)))
                 pods[pod].ns.listen("tcp", PORT)
 
-        snap = snapshot(client)
-        announced = {}
         for name, node in nodes.items():
-            sp = Speaker(
-                SpeakerConfig(identity(snap.nodes[name], snap.config), backoff_initial=0.2),
-                workdir / name,
-                netns=node.ns.name,
-            )
-            speakers[name] = sp
-            sp.start()
-            sp.set_peers(plan_peers(name, snap.nodes, snap.config, snap.bgp_peers.values()))
-            announced[name] = plan_announcements(
-                name, snap.blocks, snap.affinities, snap.endpoints.values(), snap.nodes
-            )
-            sp.announce(announced[name])
+            config = RunnerConfig(node=name, workdir=workdir / name, netns=node.ns.name, resync=RESYNC)
+            runners[name] = NodeRunner(client, config).start()
 
-        def learned_everything() -> bool:
-            for name, sp in speakers.items():
-                want = {p: nodes[o].address for o, prefixes in announced.items() if o != name for p in prefixes}
-                if {p: r.next_hop for p, r in sp.best_routes().items()} != want:
+        def routed_everywhere() -> bool:
+            """Every node has a podnet route to every block affine to another node."""
+            owned = blocks(client)
+            for name, node in nodes.items():
+                routes = " ".join(podnet_routes(node))
+                if any(f"{cidr} via " not in routes for cidr, owner in owned.items() if owner != name):
                     return False
             return True
 
-        assert eventually(learned_everything, timeout=BGP_TIMEOUT, interval=0.5), (
-            "the speakers did not learn each other's blocks: "
-            + "; ".join(f"{n}: {[(p.address, p.state, p.info) for p in s.peer_status()]}" for n, s in speakers.items())
+        assert eventually(routed_everywhere, timeout=BGP_TIMEOUT, interval=0.5), "; ".join(
+            f"{n}: peers {[(p.address, p.state, p.info) for p in r.speaker.peer_status()] if r.speaker else None}"
+            f" routes {podnet_routes(nodes[n])}"
+            for n, r in runners.items()
         )
-        cl = Cluster(client, nodes, pods, speakers)
-        cl.converge()
+        cl = Cluster(client, nodes, pods, runners)
+        cl.program_policy()
         yield cl
     finally:
-        for sp in speakers.values():
-            sp.stop()
+        for runner in runners.values():
+            runner.stop()
+        patch.undo()
         shutil.rmtree(workdir, ignore_errors=True)
         bed.close()
         client.close()
@@ -193,7 +192,7 @@ def test_network_policy_holds_for_traffic_arriving_over_tunl0(cluster: Cluster) 
     assert cluster.reach("a2", "a3") and cluster.reach("x2", "a3")  # open before the policy
     store.put(policy)
     try:
-        cluster.converge()
+        cluster.program_policy()
         n3 = cluster.nodes["n3"]
         before = tunl0_packets(n3)
         assert cluster.reach("a1", "a3")  # allowed by label, from another node, over tunl0
@@ -207,5 +206,24 @@ def test_network_policy_holds_for_traffic_arriving_over_tunl0(cluster: Cluster) 
         assert f"src={a1.ip} dst={a3.ip}" in seen, seen
     finally:
         store.delete(k.PolicyKey(NS, "a3-from-a1"))
-        cluster.converge()
+        cluster.program_policy()
     assert cluster.reach("a2", "a3")
+
+
+def test_the_runner_repairs_a_broken_tunl0_and_publishes_ipip_routes(cluster: Cluster) -> None:
+    n1, n3 = cluster.nodes["n1"], cluster.nodes["n3"]
+    block = cluster.block_of("a3")
+    status = Store(cluster.client).get(k.RouteKey("n1", block), m.RouteStatus)
+    assert status is not None
+    assert (status.value.via, status.value.dev, status.value.encapsulation) == (n3.address, "tunl0", "ipip")
+
+    # Down (the kernel drops every route through it) and a wrong MTU: the runner's next pass puts both back.
+    n1.ns.ip("link", "set", "tunl0", "down", "mtu", "1200")
+
+    def repaired() -> bool:
+        link = tunl0(n1)
+        return link["mtu"] == 1500 - 20 and "UP" in link["flags"]  # type: ignore[operator]
+
+    assert eventually(repaired, RESYNC * 12)
+    assert eventually(lambda: f"{block} via {n3.address} dev tunl0 onlink" in podnet_routes(n1), RESYNC * 12)
+    assert cluster.reach("a1", "a3")
