@@ -17,11 +17,13 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from testbed.etcd_server import EtcdServer
-from testbed.netns import NetnsBed, Node, Pod, kill_namespace_pids
+from testbed.netns import NetnsBed, Node, Pod, Underlay, kill_namespace_pids
+from testbed.netns import sh as bed_sh
 from testbed.procs import register_child, unregister_child
 from testbed.wait import eventually
 
 POOL = "10.244.0.0/16"
+OTHER_SUBNET_GW = "192.168.88.1"
 
 
 def block_of(i: int) -> str:
@@ -114,16 +116,23 @@ def make_mesh(
     *,
     names: Iterable[str] = ("n1", "n2", "n3"),
     runner_args: Iterable[str] = (),
+    cross_subnet: bool = False,
+    routed: Iterable[str] = (),
 ) -> Mesh:
-    """Nodes n<i> at 192.168.77.1<i> with block 10.244.<i>.0/26, a pod at 10.244.<i>.2 each, all in etcd."""
+    """Nodes n<i> at 192.168.77.1<i> with block 10.244.<i>.0/26, a pod at 10.244.<i>.2 each, all in etcd.
+    Nodes named in ``routed`` sit on another subnet (192.168.88.0/24) behind the underlay's router."""
     mesh = Mesh(bed, etcd, server, workdir, encapsulation, runner_args=tuple(runner_args))
     ul = bed.underlay()
     store = Store(etcd)
     store.put(m.ClusterConfig(encapsulation=encapsulation))
-    store.put(m.IPPool(POOL, encapsulation=encapsulation))
+    store.put(m.IPPool(POOL, encapsulation=encapsulation, cross_subnet=cross_subnet))
+    other = set(routed)
+    if other:
+        ul.ns.ip("addr", "add", f"{OTHER_SUBNET_GW}/24", "dev", ul.bridge)
+        ul.ns.sysctl("net.ipv4.ip_forward", "1")
     for name in names:
         i = int(name[1:])
-        node = bed.node(name, ul, 10 + i)
+        node = routed_node(bed, ul, name, f"192.168.88.{10 + i}/24") if name in other else bed.node(name, ul, 10 + i)
         mesh.nodes[name] = node
         pod = bed.pod(node, "default", f"pod{i}", f"10.244.{i}.2")
         mesh.pods[name] = pod
@@ -131,6 +140,19 @@ def make_mesh(
         store.put(m.Block(block_of(i), affinity=f"node:{name}"))
         store.put(m.Endpoint(name, "default", f"pod{i}", "eth0", pod.host_iface, ips=(f"{pod.ip}/32",)))
     return mesh
+
+
+def routed_node(bed: NetnsBed, ul: Underlay, name: str, address: str) -> Node:
+    """A node on the second subnet: same bridge, but reached from the first subnet only through the router."""
+    ns = bed.netns(name)
+    port = f"p-{name}"[:15]
+    bed_sh("ip", "link", "add", "eth0", "netns", ns.name, "type", "veth", "peer", "name", port, "netns", ul.ns.name)
+    ul.ns.ip("link", "set", port, "master", ul.bridge, "up")
+    ns.ip("link", "set", "eth0", "up")
+    ns.ip("addr", "add", address, "dev", "eth0")
+    ns.ip("route", "add", "default", "via", OTHER_SUBNET_GW)
+    ns.sysctl("net.ipv4.ip_forward", "1")
+    return Node(name, ns, address)
 
 
 def wait_for(pred: object, timeout: float, what: str, mesh: Mesh | None = None) -> float:
