@@ -13,8 +13,9 @@ does, so switching variants never leaves netfilter state behind:
 - ``linear-N``: the reference the seed measured (kube-router 0.2): one rule per pod in a linear chain, traversed by
   every packet.
 
-Runs are interleaved (every variant once per round, the order rotated each round); ratios are paired within a
-round; the median over rounds is reported with its spread (min-max). Appends a table to bench/results/policy.md.
+Runs are interleaved: in each round, for each size, conntrack-only, podnet-N, no netfilter and linear-N run back to
+back (order flipped every other round), and the ratios pair runs of one such block; the median over rounds is
+reported with its spread (min-max). Appends a table to bench/results/policy.md.
 """
 
 from __future__ import annotations
@@ -215,48 +216,59 @@ def main() -> int:
             assert tcp_open(s.client), f"{name}: client cannot reach the server"
             refused = not tcp_open(s.stranger)
             assert refused == name.startswith(("podnet-", "linear-")), f"{name}: policy not as expected"
-        qps: dict[str, list[float]] = {name: [] for name in names}
+        # One block per size and round: conntrack-only, podnet, no netfilter and linear back to back, so each ratio
+        # pairs runs seconds apart; the order flips every round so neither side of a pair always runs first.
+        blocks: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
         for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                qps[name].append(wrk(setups[name], args.duration))
-            print(f"round {r + 1}: " + ", ".join(f"{n} {qps[n][-1]:.0f}" for n in names), flush=True)
+            for n in sizes if r % 2 == 0 else reversed(sizes):
+                kinds = ["conntrack", "podnet", "none", "linear"]
+                if r % 2:
+                    kinds.reverse()
+                block = {}
+                for kind in kinds:
+                    block[kind] = wrk(setups[kind if kind in ("none", "conntrack") else f"{kind}-{n}"], args.duration)
+                blocks[n].append(block)
+                print(f"round {r + 1}, {n} pods: " + ", ".join(f"{k} {v:.0f}" for k, v in block.items()), flush=True)
 
-    def ratios(a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(qps[a], qps[b], strict=True)]
+    def ratios(n: int, a: str, b: str) -> list[float]:
+        return [blk[a] / blk[b] for blk in blocks[n]]
 
-    rows = []
-    for n in sizes:
-        rows.append(
-            (
-                n,
-                spread(ratios(f"podnet-{n}", "conntrack")),
-                spread(ratios(f"podnet-{n}", "none")),
-                spread(ratios(f"linear-{n}", "none")),
-                spread(ratios(f"linear-{n}", "conntrack")),
-                statistics.median(qps[f"podnet-{n}"]),
-            )
+    rows = [
+        (
+            n,
+            spread(ratios(n, "podnet", "conntrack")),
+            spread(ratios(n, "podnet", "none")),
+            spread(ratios(n, "linear", "none")),
+            spread(ratios(n, "linear", "conntrack")),
+            statistics.median(blk["podnet"] for blk in blocks[n]),
         )
-    pn_small = ratios(f"podnet-{sizes[0]}", "conntrack")
-    pn_big = ratios(f"podnet-{sizes[-1]}", "conntrack")
-    drift = statistics.median([b / a for a, b in zip(pn_small, pn_big, strict=True)])
+        for n in sizes
+    ]
+    pn_small = ratios(sizes[0], "podnet", "conntrack")
+    pn_big = ratios(sizes[-1], "podnet", "conntrack")
+    drift = [b / a for a, b in zip(pn_small, pn_big, strict=True)]
+    all_blocks = [blk for n in sizes for blk in blocks[n]]
+    ct_vs_none = [blk["conntrack"] / blk["none"] for blk in all_blocks]
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     lines = [
         f"### QPS with policy, {stamp} UTC (iptables-{backend.name}, nginx + wrk -t1 -c16, {args.duration:g} s runs, "
-        f"{args.rounds} interleaved rounds; median (min-max) of paired ratios)",
+        f"{args.rounds} interleaved rounds; median (min-max) of ratios paired within a round)",
         "",
         f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
         "(other work on the machine shows as spread).",
         "",
-        f"no netfilter: median {statistics.median(qps['none']):.0f} req/s; conntrack only: "
-        f"{statistics.median(qps['conntrack']):.0f} req/s ({spread(ratios('conntrack', 'none'))} of no netfilter)",
+        f"no netfilter: median {statistics.median(b['none'] for b in all_blocks):.0f} req/s; conntrack only: "
+        f"{statistics.median(b['conntrack'] for b in all_blocks):.0f} req/s ({spread(ct_vs_none)} of no netfilter)",
         "",
         "| pods in model | podnet / conntrack-only | podnet / no netfilter | linear per-pod / no netfilter "
         "| linear / conntrack-only | podnet req/s |",
         "|---|---|---|---|---|---|",
         *(f"| {n} | {a} | {b} | {c} | {d} | {q:.0f} |" for n, a, b, c, d, q in rows),
         "",
-        f"podnet at {sizes[-1]} pods vs at {sizes[0]} pods (paired, vs conntrack-only): {drift:.3f}",
+        f"podnet at {sizes[-1]} pods vs at {sizes[0]} pods (each vs conntrack-only, paired by round): {spread(drift)}",
+        "",
+        "compile + program time: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in programming.items() if k.startswith(("podnet", "linear"))),
         "",
     ]
     text = "\n".join(lines)
