@@ -25,6 +25,26 @@ class CommandError(ValueError):
     """A line the bridge refuses to pass to ExaBGP."""
 
 
+def check_address(address: str) -> None:
+    """Raise CommandError unless ``address`` is an IPv4 address as the API takes it."""
+    try:
+        ok = str(ipaddress.IPv4Address(address)) == address
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CommandError(f"{address!r} is not an IPv4 address")
+
+
+def check_prefix(prefix: str) -> None:
+    """Raise CommandError unless ``prefix`` is an IPv4 network in canonical form (no host bits)."""
+    try:
+        ok = str(ipaddress.IPv4Network(prefix, strict=True)) == prefix
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CommandError(f"{prefix!r} is not an IPv4 network (a.b.c.d/len, no host bits)")
+
+
 def _targets(neighbors: Sequence[str]) -> str:
     if not neighbors:
         raise CommandError("a command needs at least one neighbor")

@@ -152,9 +152,13 @@ class Speaker:
             self.sock_path.unlink()
 
     def set_peers(self, peers: Iterable[PeerSpec]) -> None:
-        """The complete set of sessions. Unchanged sessions stay up; removed peers' routes leave the RIB."""
+        """The complete set of sessions. Unchanged sessions stay up; removed peers' routes leave the RIB.
+        Raises ValueError (and changes nothing) if a usable peer's address is not an IPv4 address."""
         changed = False
         peers = list(peers)
+        for spec in peers:
+            if spec.ok:
+                commands.check_address(spec.address)  # ValueError before anything changes
         with self._lock:
             new = {p.address: p for p in peers if p.ok}
             invalid = [p for p in peers if not p.ok]
@@ -195,9 +199,13 @@ class Speaker:
             self._changed()
 
     def announce(self, prefixes: Iterable[str]) -> None:
-        """The complete set of this node's own prefixes; the speaker announces and withdraws the difference."""
+        """The complete set of this node's own prefixes; the speaker announces and withdraws the difference.
+        Raises ValueError (and changes nothing) if one is not an IPv4 network in canonical form."""
+        own = frozenset(prefixes)
+        for prefix in own:
+            commands.check_prefix(prefix)
         with self._lock:
-            self._own = frozenset(prefixes)
+            self._own = own
             self._kick()
 
     def best_routes(self) -> dict[str, LearnedRoute]:

@@ -4,12 +4,15 @@ and the reading of ``show neighbor json``."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
 from bgp import commands
 from bgp.commands import OutRoute
 from bgp.plan import PeerSpec
+
+log = logging.getLogger(__name__)
 
 
 def session_fields(spec: PeerSpec) -> PeerSpec:
@@ -49,5 +52,10 @@ def diff(
     for prefix, addresses in sorted(withdraws.items()):
         out.append((commands.withdraw(sorted(addresses), prefix), [(a, prefix, None) for a in addresses]))
     for route, addresses in sorted(announces.items(), key=lambda kv: (kv[0].prefix, kv[1])):
-        out.append((commands.announce(sorted(addresses), route), [(a, route.prefix, route) for a in addresses]))
+        try:
+            line = commands.announce(sorted(addresses), route)
+        except commands.CommandError as exc:  # e.g. a learned route we cannot reflect: skip it, not the rest
+            log.warning("not announcing %s to %s: %s", route.prefix, ", ".join(sorted(addresses)), exc)
+            continue
+        out.append((line, [(a, route.prefix, route) for a in addresses]))
     return out

@@ -118,3 +118,12 @@ def test_speaker_diff_groups_commands_and_withdraws_what_it_is_unsure_of() -> No
         "cluster-list [ 1.0.0.1 ]",
     ]
     assert _diff(desired, {a: dict(r) for a, r in desired.items()}, {}) == []
+
+
+def test_speaker_diff_skips_a_route_it_cannot_express() -> None:
+    from bgp.sync import diff
+
+    odd = OutRoute("10.244.3.0/26", "10.0.0.13", cluster_list=("not-an-id",))
+    good = OutRoute("10.244.1.0/26", "10.0.0.11")
+    lines = [line for line, _ in diff({"10.0.0.2": {odd.prefix: odd, good.prefix: good}}, {}, {})]
+    assert lines == ["neighbor 10.0.0.2 announce route 10.244.1.0/26 next-hop 10.0.0.11"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bgp.plan import PeerSpec, SpeakerIdentity
 from bgp.speaker import Speaker, SpeakerConfig
 from testbed.wait import eventually
@@ -36,3 +38,16 @@ def test_crashing_exabgp_is_restarted_with_backoff(tmp_path: Path) -> None:
         assert (tmp_path / "exabgp.conf").stat().st_mode & 0o777 == 0o600  # it may hold MD5 keys
     finally:
         sp.stop()
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    sp = Speaker(SpeakerConfig(IDENT), tmp_path)  # not started: validation happens in the caller's thread
+    sp.announce(["10.244.1.0/26"])
+    for bad in (["10.244.1.5/26"], ["10.244.1.0/26", "nonsense"], ["fd00::/64"]):
+        with pytest.raises(ValueError):
+            sp.announce(bad)
+    assert sp._own == {"10.244.1.0/26"}
+    sp.set_peers(PEERS)
+    with pytest.raises(ValueError):
+        sp.set_peers([PeerSpec("10.0.0.300", 64512, "global")])
+    assert {p.address for p in sp.peer_status()} == {"127.0.0.2", "127.0.0.1"}
