@@ -205,7 +205,8 @@ def plan_announcements(
     nodes: Mapping[str, m.Node] | None = None,
 ) -> frozenset[str]:
     """The prefixes ``node`` announces: every block affine to it (by the block's affinity or a confirmed affinity
-    record), plus a /32 (/128) for each address in use on this node that lies in a block not affine to it."""
+    record), plus a /32 for each address in use on this node that lies in a block not affine to it. IPv4 only,
+    as the speaker carries IPv4 unicast only."""
     mine: set[str] = set()
     for cidr, block in blocks.items():
         if block.affine_node == node:
@@ -224,11 +225,11 @@ def plan_announcements(
     if me is not None:
         addresses.extend(a for a in (me.tunnel_address, me.vxlan_address) if a is not None)
 
-    out = set(mine)
+    out = {c for c in mine if ipaddress.ip_network(c).version == 4}  # the speaker carries IPv4 unicast only
     for address in addresses:
         ip = ipaddress.ip_address(address)
         if any(ip in net for net in own_nets):
             continue
-        if any(ip in net for net in all_nets):  # borrowed: in some other node's (or an unaffine) block
+        if ip.version == 4 and any(ip in net for net in all_nets):  # borrowed: in another node's or no node's block
             out.add(str(ipaddress.ip_network(ip)))
     return frozenset(out)

@@ -157,3 +157,9 @@ def test_malformed_peer_records_are_named_with_their_reason() -> None:
         "tor": "asNumber: must be at most 4294967295",
         "md5": "password: must be 1..80 bytes (TCP-MD5 key limit)",
     }
+
+
+def test_announcements_are_ipv4_only() -> None:
+    blocks = {"fd00:244::/122": m.Block(cidr="fd00:244::/122", affinity="node:a")}
+    eps = [m.Endpoint("a", "ns", "p", "eth0", "cali1", ("fd00:245::5/128",))]
+    assert plan_announcements("a", blocks, {}, eps) == frozenset()
