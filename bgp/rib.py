@@ -77,6 +77,18 @@ class Rib:
     def count(self, peer: str) -> int:
         return len(self._in.get(peer, {}))
 
+    def best_for(self, prefixes: Iterable[str]) -> dict[str, LearnedRoute | None]:
+        """The best path of each of ``prefixes`` (None where no peer has one)."""
+        out: dict[str, LearnedRoute | None] = {}
+        for prefix in prefixes:
+            best: LearnedRoute | None = None
+            for table in self._in.values():
+                route = table.get(prefix)
+                if route is not None and (best is None or preference(route) < preference(best)):
+                    best = route
+            out[prefix] = best
+        return out
+
     def best(self) -> dict[str, LearnedRoute]:
         out: dict[str, LearnedRoute] = {}
         for table in self._in.values():

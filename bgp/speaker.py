@@ -497,18 +497,22 @@ class Speaker:
             who = "peer sent" if event.direction == "receive" else "we sent"
             s.info = f"{who} NOTIFICATION: {event.message}"
             return True
+        touched: list[str] | None = None  # None: recompute every prefix
         if event.eor:
             self._rib.sweep_stale(event.peer)
             s.stale_until = None
         else:
-            ok = [
-                r for r in event.announced if accepts(self.identity, spec, r) and r.next_hop != self.identity.router_id
-            ]
-            refused = [r.prefix for r in event.announced if r not in ok]
+            ok, refused = [], []
+            for r in event.announced:
+                if accepts(self.identity, spec, r) and r.next_hop != self.identity.router_id:
+                    ok.append(r)
+                else:
+                    refused.append(r.prefix)
             self._rib.update(event.peer, ok, [*event.withdrawn, *refused])
+            touched = [*event.withdrawn, *(r.prefix for r in event.announced)]
         if self.identity.cluster_id is not None:
             self._kick()  # reflect
-        return self._best_changed()
+        return self._best_changed(touched)
 
     def _kick(self) -> None:
         """Wake the worker (hold the lock)."""
@@ -519,12 +523,23 @@ class Speaker:
         proc = self._proc
         return md5_failures(None if proc is None or proc.poll() is not None else proc.pid)
 
-    def _best_changed(self) -> bool:
-        best = self._rib.best()
-        if best == self._last_best:
-            return False
-        self._last_best = best
-        return True
+    def _best_changed(self, prefixes: Iterable[str] | None = None) -> bool:
+        """Whether the best paths changed (only ``prefixes`` looked at, when given: updates touch few)."""
+        if prefixes is None:
+            best = self._rib.best()
+            if best == self._last_best:
+                return False
+            self._last_best = best
+            return True
+        changed = False
+        for prefix, route in self._rib.best_for(prefixes).items():
+            if self._last_best.get(prefix) != route:
+                changed = True
+                if route is None:
+                    del self._last_best[prefix]
+                else:
+                    self._last_best[prefix] = route
+        return changed
 
     def _changed(self) -> None:
         for cb in list(self._callbacks):

@@ -127,3 +127,25 @@ def test_speaker_diff_skips_a_route_it_cannot_express() -> None:
     good = OutRoute("10.244.1.0/26", "10.0.0.11")
     lines = [line for line, _ in diff({"10.0.0.2": {odd.prefix: odd, good.prefix: good}}, {}, {})]
     assert lines == ["neighbor 10.0.0.2 announce route 10.244.1.0/26 next-hop 10.0.0.11"]
+
+
+def test_best_for_agrees_with_best() -> None:
+    import random
+
+    rng = random.Random(7)
+    rib = Rib()
+    peers = [f"10.0.0.{i}" for i in range(1, 6)]
+    prefixes = [f"10.244.{i}.0/26" for i in range(20)]
+    for _ in range(300):
+        peer, prefix = rng.choice(peers), rng.choice(prefixes)
+        if rng.random() < 0.3:
+            rib.update(peer, (), [prefix])
+        else:
+            lp = rng.choice([None, 100, 200])
+            rib.update(
+                peer, [LearnedRoute(prefix, peer, peer, local_pref=lp, cluster_list=("1.1.1.1",) * rng.randint(0, 2))]
+            )
+        if rng.random() < 0.05:
+            rib.mark_stale(rng.choice(peers))
+        best = rib.best()
+        assert rib.best_for(prefixes) == {p: best.get(p) for p in prefixes}
