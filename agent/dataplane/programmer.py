@@ -21,10 +21,17 @@ from agent.dataplane.render import (
     KernelSet,
     check_names,
     is_our_jump,
+    maxelem_for,
+    needs_retype,
+    normalize_member,
     parse_save,
     plan_ipsets,
     plan_table,
+    referencing_chains,
+    retype_ipset_texts,
+    rewrite_chains,
     rule_hashes,
+    temp_name,
 )
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,10 @@ class PolicyDataplane:
                 known = {c for t, c in self._jumps if t == table}
                 builtin[table] = self.iptables.list_chains(table, sorted(wanted | known))
 
+        retype = needs_retype(desired.ipsets, sets)
+        if retype:
+            self._retype(desired, retype, tables, sets)
+            result.sets_rebuilt += retype
         unchanged = (
             frozenset() if full else frozenset(n for n, s in desired.ipsets.items() if self._written_sets.get(n) == s)
         )
@@ -111,7 +122,7 @@ class PolicyDataplane:
         self.ipset.restore(ipset_plan.text)
         changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
         result.sets_changed = changed
-        result.sets_rebuilt = list(ipset_plan.rebuilt)
+        result.sets_rebuilt += list(ipset_plan.rebuilt)
         sets = {**{n: s for n, s in sets.items() if not delete_stale}, **ipset_plan.written}
 
         for table in tables:
@@ -144,3 +155,31 @@ class PolicyDataplane:
         self._jumps = jumps
         self._sets = sets
         self._written_sets = dict(desired.ipsets)
+
+    def _retype(
+        self,
+        desired: DataplaneState,
+        names: list[str],
+        tables: list[str],
+        sets: dict[str, KernelSet],
+    ) -> None:
+        """Change the type of sets in place (see render.py): rules are moved to a temporary set of the new type and
+        back, each move one iptables transaction per table, using the rules' saved text: their content and hashes
+        are the same afterwards, so what the caller remembers of the chains stays true."""
+        log.info("ipsets changing type under the same name: %s", names)
+        fill, recreate, drop = retype_ipset_texts(desired.ipsets, names)
+        self.ipset.restore(fill)
+        referencing = {t: referencing_chains(self.iptables.save(t), names) for t in tables}
+        to_temp = {n: temp_name(n) for n in names}
+        for table, found in referencing.items():
+            if found:
+                self.iptables.restore(table, rewrite_chains(table, found, to_temp))
+        self.ipset.restore(recreate)
+        for table, found in referencing.items():
+            if found:
+                self.iptables.restore(table, rewrite_chains(table, found, {}))
+        self.ipset.restore(drop)
+        for name in names:
+            ips = desired.ipsets[name]
+            members = frozenset(normalize_member(ips.type, m) for m in ips.members)
+            sets[name] = KernelSet(name, ips.type, ips.family, maxelem_for(len(members)), members)

@@ -317,3 +317,59 @@ def plan_ipsets(
     destroy = "".join(f"destroy {name}\n" for name in stale)
     text = "\n".join(lines) + "\n" if lines else ""
     return IpsetPlan(text, destroy, written, tuple(rebuilt), 0 if delete_stale else len(all_stale))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A set changing type under the same name. The kernel swaps only sets of one type and will not destroy or rename a
+# set a rule references, so: fill a temporary set of the new type, point every rule naming the set at it (one
+# iptables transaction), recreate the set under its name with the new type, point the rules back, drop the temp.
+# Packets always meet a complete set: the old one, then the temp one, then the new one.
+
+
+def needs_retype(desired: Mapping[str, IpSet], current: Mapping[str, KernelSet]) -> list[str]:
+    return sorted(
+        name
+        for name, ips in desired.items()
+        if name in current and (current[name].type, current[name].family) != (ips.type, ips.family)
+    )
+
+
+def referencing_chains(save_text: str, names: Iterable[str]) -> dict[str, list[str]]:
+    """Our chains (all their ``-A`` lines as saved, in order) with a rule naming one of the sets ``names``."""
+    pattern = re.compile(r"--match-set (?:" + "|".join(re.escape(n) for n in names) + r") ")
+    by_chain: dict[str, list[str]] = {}
+    for line in save_text.splitlines():
+        if line.startswith(f"-A {OWNED_PREFIX}"):
+            by_chain.setdefault(line.split(" ", 2)[1], []).append(line)
+    return {chain: lines for chain, lines in by_chain.items() if any(pattern.search(line) for line in lines)}
+
+
+def rewrite_chains(table: str, chains: Mapping[str, list[str]], rename: Mapping[str, str]) -> str:
+    """Refill ``chains`` with their saved lines, set names replaced per ``rename``."""
+    if not chains:
+        return ""
+
+    def sub(line: str) -> str:
+        for old, new in rename.items():
+            line = line.replace(f"--match-set {old} ", f"--match-set {new} ")
+        return line
+
+    lines = [f"*{table}", *(f":{c} - [0:0]" for c in chains)]
+    lines += [sub(line) for saved in chains.values() for line in saved]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def retype_ipset_texts(desired: Mapping[str, IpSet], names: Iterable[str]) -> tuple[str, str, str]:
+    """``ipset restore`` input for: the temporary sets filled; the sets recreated with their new type; the
+    temporary sets destroyed."""
+    fill, recreate, drop = [], [], []
+    for name in names:
+        ips = desired[name]
+        tmp = temp_name(name)
+        members = sorted({normalize_member(ips.type, m) for m in ips.members})
+        create = f"{ips.type} family {ips.family} maxelem {maxelem_for(len(members))}"
+        fill += [f"create {tmp} {create}", f"flush {tmp}", *(f"add {tmp} {m}" for m in members)]
+        recreate += [f"destroy {name}", f"create {name} {create}", *(f"add {name} {m}" for m in members)]
+        drop.append(f"destroy {tmp}")
+    return "\n".join(fill) + "\n", "\n".join(recreate) + "\n", "\n".join(drop) + "\n"

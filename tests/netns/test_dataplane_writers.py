@@ -128,12 +128,24 @@ def test_state_is_enforced_and_updated_incrementally(netns_bed: NetnsBed, backen
     # Nothing changed: nothing written.
     assert not dp.apply(isolate_b(bed, grown)).wrote
 
-    # A type change under the same name cannot be done to a referenced set: a clear error, and nothing lost.
-    kernel_before = (save(bed.node, backend), ipsets(bed.node))
-    with pytest.raises(RenderError, match="podnet-s-allow-b"):
-        dp.apply(isolate_b(bed, {"10.244.0.0/24"}, "hash:net"))
-    assert (save(bed.node, backend), ipsets(bed.node)) == kernel_before
+    # A type change under the same name, while a rule references the set: rules moved to a temporary set of the
+    # new type and back; the chains keep their content (nothing rewritten), the set has its new type and members.
+    retyped = dp.apply(isolate_b(bed, {"10.244.0.2/31"}, "hash:net"))
+    assert retyped.sets_rebuilt == ["podnet-s-allow-b"] and retyped.chains_written == []
+    assert "create podnet-s-allow-b hash:net" in ipsets(bed.node)
+    assert "podnet-t-" not in ipsets(bed.node)
+    assert "podnet-t-" not in save(bed.node, backend)
     assert bed.reach(bed.a)
+    assert not bed.reach(bed.c)
+    assert not dp.apply(isolate_b(bed, {"10.244.0.2/31"}, "hash:net"), full=True).wrote
+
+    # A state that cannot be written (a chain name that is not ours) is refused before anything is touched.
+    kernel_before = (save(bed.node, backend), ipsets(bed.node))
+    bad = isolate_b(bed, {bed.c.ip})
+    bad.tables["filter"]["KUBE-NOT-OURS"] = Chain("KUBE-NOT-OURS", ("-j ACCEPT",))
+    with pytest.raises(RenderError, match="KUBE-NOT-OURS"):
+        dp.apply(bad)
+    assert (save(bed.node, backend), ipsets(bed.node)) == kernel_before
 
     dp.remove_all()
     assert "podnet" not in save(bed.node, backend)

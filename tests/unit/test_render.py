@@ -11,11 +11,15 @@ from agent.dataplane.render import (
     KernelSet,
     RenderError,
     check_names,
+    needs_retype,
     normalize_member,
     parse_ipset_save,
     parse_save,
     plan_ipsets,
     plan_table,
+    referencing_chains,
+    retype_ipset_texts,
+    rewrite_chains,
     rule_hashes,
     temp_name,
 )
@@ -212,6 +216,33 @@ def test_ipset_growth_rebuilds_with_swap_and_type_change_is_refused() -> None:
     for other in ("hash:net", "hash:ip,port"):
         with pytest.raises(RenderError, match="new name"):
             plan_ipsets({"podnet-s-a": IpSet("podnet-s-a", other, frozenset())}, current, delete_stale=False)
+
+
+def test_retype_moves_rules_to_a_temp_set_and_back() -> None:
+    save = (
+        "*filter\n:podnet-a - [0:0]\n:podnet-b - [0:0]\n"
+        '-A podnet-a -m comment --comment "podnet:01" -m set --match-set podnet-s-x src -j ACCEPT\n'
+        '-A podnet-a -m comment --comment "podnet:02" -j DROP\n'
+        '-A podnet-b -m comment --comment "podnet:03" -m set --match-set podnet-s-xy src -j ACCEPT\n'
+        "-A FORWARD -m set --match-set podnet-s-x src -j ACCEPT\nCOMMIT\n"
+    )
+    found = referencing_chains(save, ["podnet-s-x"])
+    assert list(found) == ["podnet-a"]  # not podnet-s-xy, not a foreign rule
+    tmp = temp_name("podnet-s-x")
+    assert rewrite_chains("filter", found, {"podnet-s-x": tmp}) == (
+        "*filter\n:podnet-a - [0:0]\n"
+        f'-A podnet-a -m comment --comment "podnet:01" -m set --match-set {tmp} src -j ACCEPT\n'
+        '-A podnet-a -m comment --comment "podnet:02" -j DROP\nCOMMIT\n'
+    )
+    current = {"podnet-s-x": KernelSet("podnet-s-x", "hash:ip", "inet", 65536, frozenset({"10.0.0.1"}))}
+    desired = {"podnet-s-x": IpSet("podnet-s-x", "hash:net", frozenset({"10.0.0.0/24"}))}
+    assert needs_retype(desired, current) == ["podnet-s-x"]
+    fill, recreate, drop = retype_ipset_texts(desired, ["podnet-s-x"])
+    assert fill == f"create {tmp} hash:net family inet maxelem 65536\nflush {tmp}\nadd {tmp} 10.0.0.0/24\n"
+    assert recreate == (
+        "destroy podnet-s-x\ncreate podnet-s-x hash:net family inet maxelem 65536\nadd podnet-s-x 10.0.0.0/24\n"
+    )
+    assert drop == f"destroy {tmp}\n"
 
 
 def test_ipset_save_round_trip_normalises_members() -> None:
