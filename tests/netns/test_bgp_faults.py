@@ -1,6 +1,7 @@
 """Faults: a hung node is withdrawn within the hold time; a killed node's routes are kept for its graceful-restart
-time, then dropped; restarting ExaBGP or the whole speaker causes no withdrawal at the peers (graceful restart);
-a killed bridge helper is respawned and resynchronised without touching the sessions."""
+time, then dropped (without graceful restart: at once); restarting ExaBGP or the whole speaker causes no
+withdrawal at the peers (graceful restart); a killed bridge helper is respawned and resynchronised without
+touching the sessions."""
 
 from __future__ import annotations
 
@@ -78,6 +79,18 @@ def test_killed_node_routes_kept_for_restart_time_then_dropped(netns_bed: NetnsB
         wait(lambda: BLOCKS["a"] not in sp["b"].best_routes(), 10, "dropped when the restart time ends")
         elapsed = time.monotonic() - t0
         assert defaults.graceful_restart_time - 0.5 <= elapsed <= defaults.graceful_restart_time + 2, elapsed
+
+
+def test_killed_node_without_graceful_restart_is_withdrawn_within_hold_time(netns_bed: NetnsBed) -> None:
+    defaults = Defaults(hold_time=3, graceful_restart_time=0)
+    cl = make_cluster(netns_bed, [("a", 11), ("b", 12), ("c", 13)])
+    with speakers(cl, "abc") as sp:
+        _mesh(sp, cl.models, defaults)
+        sp["a"].stop(withdraw=False)  # SIGKILL: the agent and its ExaBGP die without a NOTIFICATION
+        t0 = time.monotonic()
+        wait(lambda: all(BLOCKS["a"] not in sp[n].best_routes() for n in "bc"), 10, "a's block withdrawn")
+        assert time.monotonic() - t0 <= defaults.hold_time
+        assert all(not r.stale for n in "bc" for r in sp[n].best_routes().values())
 
 
 def _bird_has(bird: Bird, prefix: str) -> bool:
