@@ -18,6 +18,7 @@ kernel still forwards with the routes of the previous run; they are kept until e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -85,6 +86,9 @@ class NodeRunner:
         self._last_learned: dict[str, LearnedRoute] = {}
         self._last_verify = 0.0
         self._verify_due = True
+        self._withdrawn_done: set[str] = set()
+        self._agent_published: m.AgentStatus | None = None
+        self._agent_published_at = 0.0
         self._in_sync_since = ""
         self._was_in_sync = False
         # What the last pass did, for tests and the future daemon's health endpoint.
@@ -133,7 +137,7 @@ class NodeRunner:
             # Belt and braces: a lost change notification from the speaker costs at most ``bgp_poll`` seconds.
             if not (woken or time.monotonic() >= deadline or self._learned_changed()):
                 continue
-            time.sleep(0.02)  # coalesce a burst of updates into one pass
+            time.sleep(0.01)  # coalesce a burst of updates into one pass
             self._wake.clear()
             next_resync = time.monotonic() + self.config.resync
             try:
@@ -155,6 +159,7 @@ class NodeRunner:
             self._was_in_sync = snap.in_sync
             self._in_sync_since = _now()
         if not snap.in_sync:
+            self._agent_published = None
             self.status.publish_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
             return
         me = snap.nodes.get(self.node)
@@ -162,6 +167,7 @@ class NodeRunner:
             # Without our record we know neither our address nor our subnet. Leave the kernel as it is (a record
             # deleted by mistake must not cut the node off) and say why.
             why = f"no node record for {self.node}: BGP not started, kernel left as it is"
+            self._agent_published = None
             self.status.publish_agent(
                 m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
             )
@@ -179,6 +185,11 @@ class NodeRunner:
         # Passes driven by changes trust the writers' model of the kernel; every ``resync`` seconds (and after a
         # device was remade, or something failed) they re-read it and repair what someone else changed.
         verify = self._verify_due or time.monotonic() - self._last_verify >= self.config.resync
+        if not verify and plan == self.last_plan and not withdrawn - self._withdrawn_done:
+            # Nothing for the kernel (a pass for a change that does not touch routes: a pod's labels, a policy).
+            self._publish(self.last_result, problems, snap.revision)
+            return
+        self._withdrawn_done = set(withdrawn)
         links = self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync, verify=verify)
         problems.extend(links.problems)
         verify = verify or links.devices_changed
@@ -198,9 +209,11 @@ class NodeRunner:
                 learned_in_sync,
             )
         self.last_plan, self.last_result = plan, result
+        self._publish(result, problems, snap.revision)
 
+    def _publish(self, result: RouteResult | None, problems: list[str], revision: int) -> None:
         statuses = {}
-        for cidr, done in result.programmed.items():
+        for cidr, done in (result.programmed if result is not None else {}).items():
             st = done.route.status(self.node)
             statuses[cidr] = m.RouteStatus(
                 st.node, st.cidr, st.type, st.via, done.dev, st.encapsulation, st.learned_from
@@ -209,17 +222,23 @@ class NodeRunner:
         peers = self.speaker.peer_status() if self.speaker is not None else []
         self.status.publish_peers({p.address: p.to_status(self.node) for p in peers})
         ident = self._identity
-        self.status.publish_agent(
-            m.AgentStatus(
-                node=self.node,
-                in_sync=True,
-                revision=snap.revision,
-                router_id=None if ident is None else ident.router_id,
-                as_number=None if ident is None else ident.as_number,
-                since=self._in_sync_since,
-                problems=tuple(problems),
-            )
+        agent = m.AgentStatus(
+            node=self.node,
+            in_sync=True,
+            revision=revision,
+            router_id=None if ident is None else ident.router_id,
+            as_number=None if ident is None else ident.as_number,
+            since=self._in_sync_since,
+            problems=tuple(problems),
         )
+        # The revision moves with every datastore change: alone, it is refreshed once per resync, not each pass
+        # (one etcd write per node per change would be the cluster's busiest traffic).
+        last = self._agent_published
+        fresh = time.monotonic() - self._agent_published_at < self.config.resync
+        if last is not None and fresh and dataclasses.replace(last, revision=revision) == agent:
+            return
+        if self.status.publish_agent(agent):
+            self._agent_published, self._agent_published_at = agent, time.monotonic()
 
     def _steer_speaker(self, snap: Snapshot, me: m.Node) -> None:
         ident = identity(me, snap.config)
