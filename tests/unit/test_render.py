@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.calc.state import Chain, IpSet, KernelJump
+from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import choose
 from agent.dataplane.iptables import is_commit_contention
 from agent.dataplane.render import (
@@ -23,6 +23,7 @@ from agent.dataplane.render import (
     rule_hashes,
     temp_name,
 )
+from agent.dataplane.statefile import StateFileError, from_json, to_json
 
 FWD = KernelJump("filter", "FORWARD", "-m comment --comment podnet -j podnet-FORWARD")
 CHAINS = {
@@ -273,3 +274,16 @@ def test_only_commit_contention_counts_as_retryable() -> None:
     assert not is_commit_contention("iptables-restore: line 3 failed", text)
     assert not is_commit_contention("line 4: CHAIN_DEL failed (Device or resource busy): chain podnet-c", text)
     assert not is_commit_contention("Set nosuch doesn't exist.\n\nError occurred at line: 3", text)
+
+
+def test_state_file_round_trip_and_bad_input() -> None:
+    state = DataplaneState(
+        ipsets={"podnet-s-web": IpSet("podnet-s-web", "hash:ip", frozenset({"10.244.1.2"}))},
+        tables={"filter": CHAINS},
+        jumps=(FWD,),
+    )
+    assert from_json(to_json(state)) == state
+    with pytest.raises(StateFileError, match="not a dataplane state"):
+        from_json("{not json")
+    with pytest.raises(StateFileError, match="type"):
+        from_json('{"ipsets": [{"name": "podnet-x", "type": "hash:mac", "members": []}]}')
