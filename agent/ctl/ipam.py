@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -247,11 +247,10 @@ def release(ctl: CtlContext, ip: str | None, handle: str | None) -> None:
 @pass_ctl
 def gc(ctl: CtlContext, grace: float) -> None:
     """Release leaked handles: looked at twice, ``--grace`` seconds apart."""
-    sleep: Callable[[float], None] = time.sleep
     with _errors():
         collector = LeakCollector(Ipam(ctl.client), grace=grace)
         released = collector.run_once()
         if grace > 0 and collector.first_seen:
-            sleep(grace)
+            time.sleep(grace)
             released += collector.run_once()
     click.echo(f"released {len(released)} leaked handle(s){': ' + ', '.join(released) if released else ''}")
