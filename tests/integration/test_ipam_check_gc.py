@@ -111,5 +111,8 @@ def test_release_and_pools_commands(etcd_server: EtcdServer, etcd: EtcdClient) -
     assert ctl(etcd_server, "release", "--handle", "h-b") == (0, "released 10.244.0.1 from h-b\n")
     assert ctl(etcd_server, "release", "--handle", "h-b") == (0, "handle h-b held nothing\n")
     assert ctl(etcd_server, "release")[0] == 2
+    ipam.auto_assign("h-leak", "n1", pod="nsa/gone", node_labels={"zone": "a"})
+    assert ctl(etcd_server, "gc", "--grace", "0") == (0, "released 1 leaked handle(s): h-leak\n")
+    assert ctl(etcd_server, "gc", "--grace", "0") == (0, "released 0 leaked handle(s)\n")
     assert ctl(etcd_server, "pools", "delete", "10.244.0.0/16") == (0, "deleted pool 10.244.0.0/16\n")
     assert etcd.get_prefix("/podnet/v1/ipam/")[0] == []
