@@ -260,3 +260,19 @@ def test_new_sandbox_of_a_pod_replaces_the_old_one(cni: Cni, netns_bed: NetnsBed
     for pod, cid, name in ((new_ns, "ctr-new", "web"), (peer, "ctr-p", "peer")):
         assert cni.call("DEL", pod, cid, name).code == 0
     assert_nothing_left(cni, etcd)
+
+
+def test_requested_address(cni: Cni, netns_bed: NetnsBed, etcd: EtcdClient) -> None:
+    """The `IP` CNI arg and the `ips` capability get exactly that address, or a clean error if it is taken."""
+    pa, pb, pc = netns_bed.netns("pa"), netns_bed.netns("pb"), netns_bed.netns("pc")
+    a = cni.call("ADD", pa, "ctr-a", env={"CNI_ARGS": "K8S_POD_NAMESPACE=nsa;K8S_POD_NAME=a;IP=10.244.7.7"})
+    assert a.code == 0 and a.out["ips"][0]["address"] == "10.244.7.7/32"
+    taken = cni.call("ADD", pb, "ctr-b", env={"CNI_ARGS": "K8S_POD_NAMESPACE=nsa;K8S_POD_NAME=b;IP=10.244.7.7"})
+    assert taken.code == 1 and taken.out["code"] == 7 and "already allocated" in taken.out["msg"]
+    c = cni.call("ADD", pc, "ctr-c", "c", conf=cni.conf(runtimeConfig={"ips": ["10.244.7.9/32"]}))
+    assert c.code == 0 and c.out["ips"][0]["address"] == "10.244.7.9/32"
+    assert pa.ping("10.244.7.9")
+    assert set(cali_links(cni.node)) == {cali_name("nsa", "a"), cali_name("nsa", "c")}  # nothing left of b
+    for pod, cid, name in ((pa, "ctr-a", "a"), (pb, "ctr-b", "b"), (pc, "ctr-c", "c")):
+        assert cni.call("DEL", pod, cid, name).code == 0
+    assert_nothing_left(cni, etcd)
