@@ -345,13 +345,17 @@ def referencing_chains(save_text: str, names: Iterable[str]) -> dict[str, list[s
 
 
 def rewrite_chains(table: str, chains: Mapping[str, list[str]], rename: Mapping[str, str]) -> str:
-    """Refill ``chains`` with their saved lines, set names replaced per ``rename``."""
+    """Refill ``chains`` with their saved lines, set names replaced per ``rename``. Lines pointed at a temporary set
+    also lose their hash (``podnet:t…`` is no hash), so that if we die before pointing them back, the next full
+    sync sees those chains as drifted and rewrites them, and the temporary set can then go."""
     if not chains:
         return ""
 
     def sub(line: str) -> str:
         for old, new in rename.items():
             line = line.replace(f"--match-set {old} ", f"--match-set {new} ")
+        if rename:
+            line = line.replace(f'--comment "{HASH_TAG}', f'--comment "{HASH_TAG}t')
         return line
 
     lines = [f"*{table}", *(f":{c} - [0:0]" for c in chains)]

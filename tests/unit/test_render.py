@@ -230,10 +230,17 @@ def test_retype_moves_rules_to_a_temp_set_and_back() -> None:
     found = referencing_chains(save, ["podnet-s-x"])
     assert list(found) == ["podnet-a"]  # not podnet-s-xy, not a foreign rule
     tmp = temp_name("podnet-s-x")
-    assert rewrite_chains("filter", found, {"podnet-s-x": tmp}) == (
+    to_temp = rewrite_chains("filter", found, {"podnet-s-x": tmp})
+    assert to_temp == (
         "*filter\n:podnet-a - [0:0]\n"
-        f'-A podnet-a -m comment --comment "podnet:01" -m set --match-set {tmp} src -j ACCEPT\n'
-        '-A podnet-a -m comment --comment "podnet:02" -j DROP\nCOMMIT\n'
+        f'-A podnet-a -m comment --comment "podnet:t01" -m set --match-set {tmp} src -j ACCEPT\n'
+        '-A podnet-a -m comment --comment "podnet:t02" -j DROP\nCOMMIT\n'
+    )
+    # Caught between the moves, the chain reads as drifted (no hashes), so a full sync rewrites it.
+    assert parse_save(to_temp)["filter"].chains["podnet-a"] == ("", "")
+    assert (
+        rewrite_chains("filter", found, {})
+        == "*filter\n:podnet-a - [0:0]\n" + "\n".join(found["podnet-a"]) + "\nCOMMIT\n"
     )
     current = {"podnet-s-x": KernelSet("podnet-s-x", "hash:ip", "inet", 65536, frozenset({"10.0.0.1"}))}
     desired = {"podnet-s-x": IpSet("podnet-s-x", "hash:net", frozenset({"10.0.0.0/24"}))}
