@@ -51,28 +51,42 @@ class LinkWriter:
         # with verify=False.
         self._fdb: set[tuple[str, str]] | None = None
         self._neigh: set[tuple[str, str]] | None = None
+        # The device as last ensured (what was asked, and its index): a pass with verify=False and the same ask
+        # does not look at the device again. Verifying passes always do.
+        self._vxlan: tuple[VxlanDevice, int] | None = None
+        self._ipip: IpipDevice | None = None
 
     def apply(
         self, plan: RoutePlan, in_sync: bool, learned_in_sync: bool | None = None, verify: bool = True
     ) -> LinkResult:
         """``in_sync``: the datastore is (an unneeded device may go); ``learned_in_sync`` (default ``in_sync``): BGP
         is, so FDB and neighbour entries of VTEPs no route uses any more may go. ``verify=False``: trust the FDB
-        and neighbour entries as left by the last pass instead of reading them (the devices are always checked)."""
+        and neighbour entries, and the devices, as left by the last pass instead of reading them."""
         result = LinkResult()
         learned_ok = in_sync if learned_in_sync is None else learned_in_sync
         try:
             if plan.vxlan is not None:
-                _, changed = self.ensure_vxlan(plan.vxlan)
+                if not verify and self._vxlan is not None and self._vxlan[0] == plan.vxlan:
+                    index, changed = self._vxlan[1], False
+                else:
+                    self._vxlan = None
+                    index, changed = self.ensure_vxlan(plan.vxlan)
+                    self._vxlan = (plan.vxlan, index)
                 result.devices_changed |= changed
-                self.sync_vxlan_peers(plan.vxlan_peers, remove_stale=in_sync and learned_ok, verify=verify or changed)
+                self.sync_vxlan_peers(
+                    plan.vxlan_peers, remove_stale=in_sync and learned_ok, verify=verify or changed, index=index
+                )
             elif in_sync and self.remove_vxlan():
                 result.devices_changed = True
         except (NetlinkError, LookupError) as exc:
+            self._vxlan = None
             result.problems.append(f"{VXLAN_DEVICE}: {exc}")
-        if plan.ipip is not None:
+        if plan.ipip is not None and (verify or self._ipip != plan.ipip):
+            self._ipip = None
             try:
                 _, changed = self.ensure_ipip(plan.ipip)
                 result.devices_changed |= changed
+                self._ipip = plan.ipip
             except (NetlinkError, LookupError, IpipUnavailable) as exc:
                 result.problems.append(f"{IPIP_DEVICE}: {exc}")
         for p in result.problems:
@@ -131,14 +145,17 @@ class LinkWriter:
 
     def remove_vxlan(self) -> bool:
         index = self.nl.index(VXLAN_DEVICE)
-        self._fdb = self._neigh = None
+        self._fdb = self._neigh = self._vxlan = None
         if index is None:
             return False
         self.nl.ipr.link("del", index=index)
         return True
 
-    def sync_vxlan_peers(self, peers: tuple[Peer, ...], remove_stale: bool, verify: bool = True) -> None:
-        index = self.nl.index(VXLAN_DEVICE)
+    def sync_vxlan_peers(
+        self, peers: tuple[Peer, ...], remove_stale: bool, verify: bool = True, index: int | None = None
+    ) -> None:
+        if index is None:
+            index = self.nl.index(VXLAN_DEVICE)
         if index is None:
             raise LookupError(f"{VXLAN_DEVICE} is missing")
         ipr = self.nl.ipr

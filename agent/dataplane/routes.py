@@ -77,6 +77,8 @@ class RouteWriter:
         # changed, not the table's size. Verifying passes (the first one, and the periodic resync) re-read and
         # repair whatever someone else did meanwhile.
         self._model: dict[str, KernelRoute] | None = None
+        self._names: dict[int, str] | None = None
+        self._index: dict[str, int] = {}
 
     def dump(self) -> dict[str, KernelRoute]:
         """Main-table unicast and blackhole routes, ours and others' (first one per destination)."""
@@ -105,8 +107,11 @@ class RouteWriter:
         verify = verify or self._model is None
         have = self.dump() if verify else dict(self._model or {})
         model = dict(have)
-        names = self.nl.names()
-        index = {name: idx for idx, name in names.items()}
+        # Link names: read on verifying passes, or when the plan names a device we have not seen (a new pod).
+        if verify or self._names is None or any(r.dev not in self._index for r in routes.values() if r.dev):
+            self._names = self.nl.names()
+            self._index = {name: idx for idx, name in self._names.items()}
+        names, index = self._names, self._index
         for cidr, route in sorted(routes.items()):
             cur = have.get(cidr)
             oif = None
