@@ -192,6 +192,8 @@ class Speaker:
                     # (after the reload, which ExaBGP runs before it reads our next command).
                     self._unsure.setdefault(address, set()).update(self._sent.pop(address, {}))
             self._peers = new
+            if changed:
+                self._best_changed()
             if self._write_config():
                 self._reload_pending = True
             self._kick()
@@ -384,6 +386,9 @@ class Speaker:
         else:
             self._rib.drop_peer(address)
             self._sessions[address].stale_until = None
+        # Keep the last-reported best paths in step with the RIB, so identical routes learned again later are
+        # reported as a change.
+        self._best_changed()
 
     # ---- the bridge ------------------------------------------------------------------------------------------
 

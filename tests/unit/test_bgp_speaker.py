@@ -51,3 +51,24 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         sp.set_peers([PeerSpec("10.0.0.300", 64512, "global")])
     assert {p.address for p in sp.peer_status()} == {"127.0.0.2", "127.0.0.1"}
+
+
+def test_routes_learned_again_after_a_session_loss_are_reported(tmp_path: Path) -> None:
+    from bgp import events
+    from bgp.rib import LearnedRoute
+
+    sp = Speaker(SpeakerConfig(IDENT), tmp_path)  # not started: events are fed as the bridge reader would
+    sp.set_peers(PEERS[:1])
+    route = LearnedRoute("10.244.2.0/26", "127.0.0.2", "127.0.0.2")
+    update = events.UpdateEvent("127.0.0.2", announced=(route,))
+    with sp._lock:
+        assert sp._event(events.StateEvent("127.0.0.2", "up"))
+        assert sp._event(update)
+    assert set(sp.best_routes()) == {"10.244.2.0/26"}
+    with sp._lock:  # the peer went silent: its routes are dropped at once
+        sp._event(events.StateEvent("127.0.0.2", "down", "hold timer expired"))
+    assert sp.best_routes() == {}
+    with sp._lock:
+        sp._event(events.StateEvent("127.0.0.2", "up"))
+        assert sp._event(update), "the same routes learned again must count as a change"
+    assert set(sp.best_routes()) == {"10.244.2.0/26"}
