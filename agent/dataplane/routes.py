@@ -251,15 +251,20 @@ def _adoptable(cur: KernelRoute, route: Route, oif: int | None) -> bool:
     return route.type == "local-pod" and not cur.blackhole and cur.gateway is None and cur.oif == oif
 
 
-def _request(route: Route, oif: int | None) -> dict[str, Any]:
-    net = ipaddress.ip_network(route.cidr)
-    req: dict[str, Any] = {
+def _base_request(cidr: str) -> dict[str, Any]:
+    """The fields that identify one of our routes: destination, family, table and our proto."""
+    net = ipaddress.ip_network(cidr)
+    return {
         "dst": str(net.network_address),
         "dst_len": net.prefixlen,
         "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
         "table": MAIN_TABLE,
         "proto": ROUTE_PROTO,
     }
+
+
+def _request(route: Route, oif: int | None) -> dict[str, Any]:
+    req = _base_request(route.cidr)
     if route.blackhole:
         req["type"] = "blackhole"
         return req
@@ -276,15 +281,8 @@ def _request(route: Route, oif: int | None) -> dict[str, Any]:
 
 
 def _delete_request(kr: KernelRoute) -> dict[str, Any]:
-    net = ipaddress.ip_network(kr.cidr)
-    req: dict[str, Any] = {
-        "dst": str(net.network_address),
-        "dst_len": net.prefixlen,
-        "family": socket.AF_INET if net.version == 4 else socket.AF_INET6,
-        "table": MAIN_TABLE,
-        "proto": ROUTE_PROTO,
-        "scope": RT_SCOPE_NOWHERE,
-    }
+    req = _base_request(kr.cidr)
+    req["scope"] = RT_SCOPE_NOWHERE
     if kr.blackhole:
         req["type"] = "blackhole"
     return req
