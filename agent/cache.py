@@ -122,6 +122,13 @@ class Cache:
         if self._on_change is not None:
             self._on_change()
 
+    def malformed(self) -> dict[str, str]:
+        """Keys currently skipped because their values do not parse (path -> reason), across every watch."""
+        out: dict[str, str] = {}
+        for w in self.watchers:
+            out.update(w.malformed)
+        return out
+
     def snapshot(self) -> Snapshot:
         with self._lock:
             maps = {name: dict(values) for name, values in self._maps.items()}

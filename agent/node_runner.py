@@ -36,7 +36,15 @@ from agent.dataplane.links import LinkWriter
 from agent.dataplane.netlink import Netlink
 from agent.dataplane.routes import RouteResult, RouteWriter
 from agent.status import StatusPublisher
-from bgp.plan import Defaults, SpeakerIdentity, identity, plan_announcements, plan_peers
+from bgp.plan import (
+    Defaults,
+    SpeakerIdentity,
+    identity,
+    malformed_peer_errors,
+    peer_config_errors,
+    plan_announcements,
+    plan_peers,
+)
 from bgp.rib import LearnedRoute
 from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
@@ -172,7 +180,7 @@ class NodeRunner:
                 m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
             )
             return
-        problems: list[str] = []
+        problems = bgp_config_problems(snap, self.cache.malformed())
         self._steer_speaker(snap, me)
         self._last_learned = self.speaker.best_routes() if self.speaker is not None else {}
         learned = list(self._last_learned.values())
@@ -282,6 +290,13 @@ class NodeRunner:
         else:
             self._recheck_at = self._started + self.config.startup_grace
         return self._learned_in_sync
+
+
+def bgp_config_problems(snap: Snapshot, malformed: dict[str, str]) -> list[str]:
+    """BGP peer records no session can be made from (undecodable, or naming an unknown node), for the agent's
+    status: the peer is skipped, every other session keeps working, and the operator sees why."""
+    errors = {**peer_config_errors(snap.bgp_peers.values(), snap.nodes), **malformed_peer_errors(malformed)}
+    return [f"BGP peer {name}: {why}" for name, why in sorted(errors.items())]
 
 
 def main(argv: list[str] | None = None) -> int:

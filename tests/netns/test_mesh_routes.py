@@ -134,6 +134,29 @@ def test_borrowed_addresses_and_invalid_peers(mesh: Mesh, etcd: EtcdClient, etcd
     peer = store.get(k.BGPPeerStatusKey("n1", mesh.nodes["n1"].address), m.BGPPeerStatus)
     assert peer is not None and "this node's own address" in peer.value.info
     assert peer.value.peer_type == "node specific"
+
+    # Peer records no session can be made from (undecodable values, a node that does not exist) are listed with
+    # their reason in the agent's status and `agentctl status`, and disturb no session either.
+    etcd.put(k.BGPPeerKey("bad-as").path, b'{"name": "bad-as", "peerIP": "192.168.77.99", "asNumber": 0}')
+    long_password = json.dumps({"name": "long-key", "peerIP": "192.168.77.98", "asNumber": 64601, "password": "x" * 81})
+    etcd.put(k.BGPPeerKey("long-key").path, long_password.encode())
+    store.put(m.BGPPeer("ghost-peer", "192.168.77.97", 64602, node="ghost"))
+
+    def problems() -> tuple[str, ...]:
+        agent = store.get(k.AgentStatusKey("n1"), m.AgentStatus)
+        return () if agent is None else agent.value.problems
+
+    wait_for(lambda: sum(p.startswith("BGP peer ") for p in problems()) == 3, 15, "bad peers in n1's status", mesh)
+    assert any(p.startswith("BGP peer bad-as: asNumber") for p in problems())
+    assert any(p.startswith("BGP peer long-key: password") for p in problems())
+    assert "BGP peer ghost-peer: node 'ghost' does not exist" in problems()
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.ctl.main", "--etcd-endpoints", etcd_server.endpoint, "--node", "n1", "status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    assert "BGP peer bad-as: asNumber" in out and "BGP peer ghost-peer" in out
     now = {p.value.peer_ip: p.value for p in store.list(k.bgp_status_prefix("n1"), m.BGPPeerStatus)}
     for other in ("n2", "n3"):
         ip = mesh.nodes[other].address
