@@ -100,7 +100,10 @@ def test_1000_updates_through_two_restarts_and_a_compaction(etcd_server: EtcdSer
                 value = codec.encode(m.Namespace(name, {"round": str(i)}))
                 retrying(lambda p=path, v=value: etcd.put(p, v))
             if i == 250:
+                synced = len(consumer.in_syncs)
                 etcd_server.restart(down_for=0.3)
+                # Let the watcher see this restart on its own before the next one (it may be in its retry backoff).
+                assert consumer.wait_for(lambda n=synced: len(consumer.in_syncs) > n), "no re-snapshot after restart"
             if i == 500:
                 # The consumer is slow right after the next snapshot, while we write on and compact history:
                 # the watcher's watch from snapshot+1 then finds that revision compacted and must re-snapshot.
