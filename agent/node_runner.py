@@ -36,6 +36,7 @@ from agent.dataplane.links import LinkWriter
 from agent.dataplane.netlink import Netlink
 from agent.dataplane.routes import RouteResult, RouteWriter
 from agent.status import StatusPublisher
+from bgp import speaker as speaker_module
 from bgp.plan import (
     Defaults,
     SpeakerIdentity,
@@ -65,6 +66,13 @@ class RunnerConfig:
     startup_grace: float = 30.0
     status_ttl: int = 20
     exabgp_log_level: str = "INFO"
+    # Seconds ExaBGP may run without its API bridge before the speaker restarts it (slow machines, emulated
+    # guests: raise it). The speaker's default, read when the config is made.
+    bridge_timeout: float = field(default_factory=lambda: speaker_module.BRIDGE_TIMEOUT)
+
+    def __post_init__(self) -> None:
+        if not self.bridge_timeout > 0:
+            raise ValueError(f"bridge_timeout must be positive, not {self.bridge_timeout!r}")
 
 
 def _now() -> str:
@@ -266,7 +274,7 @@ class NodeRunner:
         )
 
     def _make_speaker(self, ident: SpeakerIdentity) -> Speaker:
-        cfg = SpeakerConfig(ident, log_level=self.config.exabgp_log_level)
+        cfg = SpeakerConfig(ident, log_level=self.config.exabgp_log_level, bridge_timeout=self.config.bridge_timeout)
         return Speaker(cfg, workdir=self.config.workdir, netns=self.config.netns)
 
     def _bgp_in_sync(self) -> bool:
@@ -299,6 +307,16 @@ def bgp_config_problems(snap: Snapshot, malformed: dict[str, str]) -> list[str]:
     return [f"BGP peer {name}: {why}" for name, why in sorted(errors.items())]
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.node_runner", description=__doc__.split("\n")[0])
     parser.add_argument("--node", required=True)
@@ -310,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resync", type=float, default=10.0)
     parser.add_argument("--startup-grace", type=float, default=30.0)
     parser.add_argument("--status-ttl", type=int, default=20, help="lease TTL of the status keys (seconds)")
+    parser.add_argument(
+        "--bridge-timeout",
+        type=_seconds,
+        default=speaker_module.BRIDGE_TIMEOUT,
+        help="restart ExaBGP when its API bridge has not connected for this long (seconds, default %(default)s)",
+    )
     parser.add_argument(
         "--withdraw-on-exit",
         action="store_true",
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         resync=args.resync,
         startup_grace=args.startup_grace,
         status_ttl=args.status_ttl,
+        bridge_timeout=args.bridge_timeout,
     )
     client = EtcdClient([e.strip() for e in args.etcd_endpoints.split(",") if e.strip()])
     done = threading.Event()

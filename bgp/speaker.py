@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 RELOAD_TIMEOUT = 10.0
 RETRY_DELAY = 0.5
-BRIDGE_TIMEOUT = 15.0  # ExaBGP running without a bridge connected for this long is restarted
+BRIDGE_TIMEOUT = 15.0  # default: ExaBGP running without a bridge connected for this long is restarted
 REFRESH_GRACE = 5.0  # after a bridge restart: how long peers get to re-send their routes on route refresh
 _HOLD_EXPIRED = re.compile(r"hold.?tim|\(4,\s*0\)|code 4\b", re.IGNORECASE)
 
@@ -59,6 +59,13 @@ class SpeakerConfig:
     # ExaBGP's reactor waits up to speed/100 s for I/O when idle; 1.0 (its default, 10 ms) delays updates to
     # further peers by up to that much. Lower reacts faster for more idle wake-ups (see bench/results/bgp.md).
     reactor_speed: float = 1.0
+    # ExaBGP running this long without its API bridge connected is restarted (it gives up respawning a helper
+    # that keeps dying). Read from the module at construction, so the default can be changed in one place.
+    bridge_timeout: float = field(default_factory=lambda: BRIDGE_TIMEOUT)
+
+    def __post_init__(self) -> None:
+        if not self.bridge_timeout > 0:
+            raise ValueError(f"bridge_timeout must be positive, not {self.bridge_timeout!r}")
 
 
 class Speaker:
@@ -591,8 +598,10 @@ class Speaker:
         now = time.monotonic()
         if self._no_bridge_since is None:
             self._no_bridge_since = now
-        elif now - self._no_bridge_since > BRIDGE_TIMEOUT:
-            log.warning("no bridge from ExaBGP for %s in %ss; restarting ExaBGP", self.identity.node, BRIDGE_TIMEOUT)
+        elif now - self._no_bridge_since > self.config.bridge_timeout:
+            log.warning(
+                "no bridge from ExaBGP for %s in %ss; restarting ExaBGP", self.identity.node, self.config.bridge_timeout
+            )
             self._no_bridge_since = None
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

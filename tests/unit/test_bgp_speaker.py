@@ -72,3 +72,29 @@ def test_routes_learned_again_after_a_session_loss_are_reported(tmp_path: Path) 
         sp._event(events.StateEvent("127.0.0.2", "up"))
         assert sp._event(update), "the same routes learned again must count as a change"
     assert set(sp.best_routes()) == {"10.244.2.0/26"}
+
+
+def test_exabgp_without_a_bridge_is_restarted_after_the_configured_timeout(tmp_path: Path) -> None:
+    # An "ExaBGP" that runs but never starts its API helper: the speaker cannot steer it and must restart it.
+    fake = tmp_path / "deaf-exabgp"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    config = SpeakerConfig(IDENT, exabgp=str(fake), backoff_initial=0.05, bridge_timeout=0.3)
+    sp = Speaker(config, tmp_path)
+    sp.set_peers(PEERS)
+    sp.start()
+    try:
+        assert eventually(lambda: sp.exabgp_pid is not None, timeout=5)
+        first = sp.exabgp_pid
+        assert sp.restarts == 0
+        assert eventually(lambda: sp.restarts >= 1, timeout=5), "ExaBGP without a bridge was not restarted"
+        assert eventually(lambda: sp.exabgp_pid not in (None, first), timeout=5)
+    finally:
+        sp.stop()
+
+
+def test_bridge_timeout_defaults_to_15_s_and_must_be_positive() -> None:
+    assert SpeakerConfig(IDENT).bridge_timeout == 15.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="bridge_timeout"):
+            SpeakerConfig(IDENT, bridge_timeout=bad)
