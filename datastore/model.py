@@ -465,13 +465,17 @@ class Endpoint:
         }
 
 
+# What a programmed route is for; "external": a prefix outside every pool accepted from a configured peer.
+ROUTE_TYPES = ("remote-block", "local-block", "local-pod", "borrowed", "external")
+
+
 @dataclass(frozen=True)
 class RouteStatus:
     """What a node's agent programmed for one destination (published for operators, lease-bound)."""
 
     node: str
     cidr: str
-    type: str  # "remote-block" | "local-block" | "local-pod" | "borrowed"
+    type: str  # one of ROUTE_TYPES
     via: str | None = None
     dev: str | None = None
     encapsulation: str = "none"
@@ -483,7 +487,7 @@ class RouteStatus:
         return cls(
             node=f.string(d, "node"),
             cidr=f.cidr(f.string(d, "cidr"), "cidr"),
-            type=f.choice(d, "type", ("remote-block", "local-block", "local-pod", "borrowed")),
+            type=f.choice(d, "type", ROUTE_TYPES),
             via=None if via is None else f.ip(via, "via"),
             dev=f.opt_string(d, "dev"),
             encapsulation=f.choice(d, "encapsulation", ENCAPSULATIONS, "none"),

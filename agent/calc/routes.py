@@ -22,7 +22,7 @@ IPIP_DEVICE = "tunl0"
 VXLAN_OVERHEAD = 50
 IPIP_OVERHEAD = 20
 
-ROUTE_TYPES = ("remote-block", "local-block", "local-pod", "borrowed")
+ROUTE_TYPES = m.ROUTE_TYPES
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,13 @@ def plan_routes(snap: Snapshot, node_name: str, learned: Iterable[LearnedRoute])
             continue  # our own announcement reflected back to us
         pool = _pool_of(pools, cidr)
         if pool is None:
-            problems.append(f"{cidr} from {lr.peer}: not inside any IP pool, not programmed")
+            if lr.peer in nodes_by_ip:
+                # podnet nodes announce pool addresses only: anything else from one is a misconfiguration
+                problems.append(f"{cidr} from node {nodes_by_ip[lr.peer].name}: not inside any IP pool, not programmed")
+            else:
+                # Only peers configured with acceptRoutes get their routes into the RIB (bgp.outbound.accepts):
+                # the operator asked for them, so they are used like any router's route.
+                routes[cidr] = Route(cidr=cidr, type="external", via=lr.next_hop, learned_from=lr.peer)
             continue
         kind = "remote-block" if cidr in snap.blocks or _net(cidr).prefixlen < _net(cidr).max_prefixlen else "borrowed"
         hop_node = nodes_by_ip.get(lr.next_hop)

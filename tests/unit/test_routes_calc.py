@@ -140,10 +140,25 @@ def test_our_own_prefixes_announced_back_are_ignored() -> None:
     assert "10.244.4.0/26" not in plan.routes
 
 
-def test_prefixes_outside_every_pool_are_reported_not_programmed() -> None:
-    plan = plan_routes(snap("none"), "n1", [LearnedRoute("198.51.100.0/24", "192.168.77.1", "192.168.77.1")])
+def test_prefixes_outside_every_pool_from_a_node_are_reported_not_programmed() -> None:
+    plan = plan_routes(snap("none"), "n1", [LearnedRoute("198.51.100.0/24", "192.168.77.12", "192.168.77.12")])
     assert "198.51.100.0/24" not in plan.routes
-    assert any("198.51.100.0/24" in p and "pool" in p for p in plan.problems)
+    assert any("198.51.100.0/24" in p and "node n2" in p and "pool" in p for p in plan.problems)
+
+
+def test_prefixes_outside_every_pool_accepted_from_a_configured_peer_are_routed_via_its_next_hop() -> None:
+    # Only a peer with acceptRoutes gets routes into the RIB; in a VXLAN pool cluster they are still plain routes.
+    learned = [
+        LearnedRoute("198.51.100.0/24", "192.168.77.1", "192.168.77.1", as_path=(64600,)),
+        LearnedRoute("10.244.1.0/26", "192.168.77.1", "192.168.77.1", as_path=(64600,)),  # our own block: ours wins
+    ]
+    plan = plan_routes(snap("vxlan"), "n1", learned)
+    assert plan.routes["198.51.100.0/24"] == Route(
+        "198.51.100.0/24", "external", via="192.168.77.1", learned_from="192.168.77.1"
+    )
+    assert plan.routes["10.244.1.0/26"].type == "local-block"
+    assert not plan.problems
+    assert plan.routes["198.51.100.0/24"].status("n1").type == "external"
 
 
 def test_a_next_hop_that_is_not_a_node_is_routed_directly_even_in_a_vxlan_pool() -> None:
