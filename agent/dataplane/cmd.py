@@ -27,9 +27,36 @@ class Runner:
     def argv(self, cmd: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else list(cmd)
 
+    def start(self, cmd: Sequence[str]) -> Started:
+        """Start ``cmd`` without waiting: its output is collected by ``Started.finish``."""
+        argv = self.argv(cmd)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        return Started(argv, proc, self.timeout)
+
     def run(self, cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = self.argv(cmd)
         proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=self.timeout, check=False)
         if check and proc.returncode != 0:
             raise CommandError(argv, proc.returncode, proc.stderr or proc.stdout)
         return proc
+
+
+@dataclass
+class Started:
+    argv: list[str]
+    proc: subprocess.Popen[str]
+    timeout: float
+
+    def finish(self) -> str:
+        """Its standard output; CommandError if it failed."""
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise CommandError(self.argv, -9, "timed out") from None
+        if self.proc.returncode != 0:
+            raise CommandError(self.argv, self.proc.returncode, err or out)
+        return out

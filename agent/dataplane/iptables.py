@@ -13,7 +13,7 @@ import re
 import time
 
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import CommandError, Runner
+from agent.dataplane.cmd import CommandError, Runner, Started
 from agent.dataplane.render import parse_chain_listing
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,19 @@ class Iptables:
         return parse_chain_listing(out)
 
     def list_chains(self, table: str, chains: list[str]) -> dict[str, list[str]]:
-        """Several chains' rules with one process start (each sync re-reads the built-in chains, so this is on the
-        hot path of every change)."""
-        if not chains:
-            return {}
-        script = (
-            f'for c; do {self.backend.iptables} -w {int(self.wait_s)} -t {table} -S "$c" || exit 1; echo "#end"; done'
-        )
-        out = self.runner.run(["sh", "-c", script, "sh", *chains]).stdout
-        parts = out.split("#end\n")
-        return {chain: parse_chain_listing(part) for chain, part in zip(chains, parts, strict=False)}
+        return self.start_listing({table: chains}).result().get(table, {})
+
+    def start_listing(self, wanted: dict[str, list[str]]) -> Listing:
+        """Start reading the rules of several chains (table -> chain names) with one process start, without waiting
+        (each sync re-reads the built-in chains holding our jumps, so this is on the hot path of every change:
+        started first, it runs while the sync writes)."""
+        pairs = [(t, c) for t, chains in sorted(wanted.items()) for c in chains]
+        if not pairs:
+            return Listing([], None)
+        ipt = f"{self.backend.iptables} -w {int(self.wait_s)}"
+        script = f'while [ $# -gt 0 ]; do {ipt} -t "$1" -S "$2" || exit 1; echo "#end"; shift 2; done'
+        args = [x for pair in pairs for x in pair]
+        return Listing(pairs, self.runner.start(["sh", "-c", script, "sh", *args]))
 
     def restore(self, table: str, text: str) -> None:
         """Apply one table's transaction (``text`` holds ``*table`` … ``COMMIT``)."""
@@ -86,3 +89,25 @@ class Iptables:
                 lines = text.splitlines()
                 bad = lines[int(m.group(1)) - 1] if m and 0 < int(m.group(1)) <= len(lines) else None
                 raise RestoreError(table, exc.stderr, bad) from exc
+
+
+class Listing:
+    """Rules of built-in chains being read in the background (see ``Iptables.start_listing``)."""
+
+    def __init__(self, pairs: list[tuple[str, str]], started: Started | None) -> None:
+        self.pairs = pairs
+        self.started = started
+
+    def discard(self) -> None:
+        if self.started is not None:
+            self.started.proc.kill()
+            self.started.proc.communicate()
+
+    def result(self) -> dict[str, dict[str, list[str]]]:
+        out: dict[str, dict[str, list[str]]] = {}
+        if self.started is None:
+            return out
+        parts = self.started.finish().split("#end\n")
+        for (table, chain), part in zip(self.pairs, parts, strict=False):
+            out.setdefault(table, {})[chain] = parse_chain_listing(part)
+        return out

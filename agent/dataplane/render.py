@@ -196,6 +196,20 @@ def plan_table(
     return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed), left)
 
 
+def after_jump_fixes(
+    builtin: Mapping[str, list[str]], jumps: Iterable[KernelJump], table: str, fixed: Iterable[str]
+) -> dict[str, list[str]]:
+    """The built-in chains of ``table`` after a transaction fixed our jumps in ``fixed``: there, our rules were
+    deleted and the wanted jump inserted first (see plan_table); the other chains are as they were."""
+    wanted = {j.chain: j for j in jumps if j.table == table}
+    out = {chain: list(rules) for chain, rules in builtin.items()}
+    for chain in fixed:
+        rest = [r for r in out.get(chain, []) if not is_our_jump(r)]
+        jump = wanted.get(chain)
+        out[chain] = ([jump.rule] if jump is not None else []) + rest
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ipset
 

@@ -312,3 +312,35 @@ def test_backend_detection_follows_the_rules_already_there(netns_bed: NetnsBed) 
     assert detect(runner, "legacy").name == "legacy"
     with pytest.raises(ValueError, match="backend"):
         detect(runner, "ebtables")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_incremental_sync_rechecks_and_fixes_the_jumps(netns_bed: NetnsBed, backend: str) -> None:
+    """The built-in chains are re-read on every sync (in the background, while it writes), not only on resyncs: a
+    jump pushed down or deleted is back on top when the next change's sync returns."""
+    bed = make_bed(netns_bed)
+    runner = Runner(bed.node.ns.name)
+    dp = PolicyDataplane(runner, Backend(backend))
+    try:
+        assert dp.apply(isolate_b(bed, {bed.c.ip}), full=True).full
+        assert not bed.reach(bed.a) and bed.reach(bed.c)
+        quiet = dp.apply(isolate_b(bed, {bed.c.ip}))
+        assert not quiet.full and not quiet.wrote  # nothing changed: nothing written, the re-read found all well
+
+        ipt = f"iptables-{backend}"
+        runner.run([ipt, "-I", "FORWARD", "1", "-m", "comment", "--comment", "intruder", "-j", "ACCEPT"])
+        assert bed.reach(bed.a)  # the intruder accepts everything before our jump
+        r = dp.apply(isolate_b(bed, {bed.c.ip, bed.a.ip}))  # a change: a's address joins the allow-set
+        assert not r.full and r.jumps_fixed == ["filter/FORWARD"] and r.sets_changed == 1
+        rules = chain_rules(save(bed.node, backend), "FORWARD")
+        assert rules[0].endswith("-j podnet-FORWARD") and "intruder" in rules[1] and len(rules) == 2
+
+        runner.run([ipt, "-D", "INPUT", "-m", "comment", "--comment", "podnet", "-j", "podnet-INPUT"])
+        r = dp.apply(isolate_b(bed, {bed.c.ip}))  # a's address leaves the set again
+        assert not r.full and r.jumps_fixed == ["filter/INPUT"]
+        assert chain_rules(save(bed.node, backend), "INPUT") == ["-A INPUT -m comment --comment podnet -j podnet-INPUT"]
+        assert not bed.reach(bed.a) and bed.reach(bed.c)
+        again = dp.apply(isolate_b(bed, {bed.c.ip}))
+        assert not again.wrote and not again.jumps_fixed
+    finally:
+        PolicyDataplane(runner, Backend(backend)).remove_all()
