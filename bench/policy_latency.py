@@ -37,6 +37,7 @@ from agent.dataplane.backend import Backend
 from agent.dataplane.cmd import Runner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
 from agent.dataplane.programmer import PolicyDataplane
+from bench import netns_lock
 from bench.policy_model import synthetic
 from datastore import codec
 from datastore import model as m
@@ -193,6 +194,7 @@ def main() -> int:
         print(json.dumps(child(endpoint, int(pods), int(policies), args.changes, args.backend)))
         return 0
 
+    lock = netns_lock.hold()  # noqa: F841 - held until the process exits
     load_before = os.getloadavg()[0]
     server = EtcdServer().start()
     rows = []

@@ -37,6 +37,7 @@ from agent.calc.snapshot import Snapshot
 from agent.dataplane.backend import Backend
 from agent.dataplane.cmd import Runner
 from agent.dataplane.programmer import PolicyDataplane
+from bench import netns_lock
 from bench.policy_model import iface, pod_ip
 from datastore import model as m
 from testbed.netns import NetnsBed, Node, Pod
@@ -168,6 +169,7 @@ def main() -> int:
     ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
     ap.add_argument("--no-write", action="store_true", help="print only, do not append to the results file")
     args = ap.parse_args()
+    lock = netns_lock.hold()  # noqa: F841 - held until the process exits
     sizes = [int(s) for s in args.sizes.split(",")]
     backend = Backend(args.backend)
     load_before = os.getloadavg()[0]

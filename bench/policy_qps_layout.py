@@ -32,6 +32,7 @@ from agent.calc.state import Chain
 from agent.dataplane.backend import Backend
 from agent.dataplane.cmd import Runner
 from agent.dataplane.programmer import PolicyDataplane
+from bench import netns_lock
 from bench.policy_qps import RESULTS, make_setup, snapshot, spread, tcp_open, wait_http, wrk
 from testbed.netns import NetnsBed
 
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    lock = netns_lock.hold()  # noqa: F841 - held until the process exits
     backend = Backend(args.backend)
     load_before = os.getloadavg()[0]
     names = ["conntrack", "jump", "jump+hash", "compiled", "compiled+est"]
