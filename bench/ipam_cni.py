@@ -4,12 +4,16 @@
 
 1. Start-up cost of the plugin process: the thin client (stdlib only) vs importing the whole plugin (grpc, etcd).
 2. CNI ADD of ``--pods`` pods on one node (a network namespace on a test-bed underlay) with ``--concurrency``
-   ADDs in flight, through the node-local server (``podnet-cni serve``) and one-shot (no server): per-ADD latency
-   p50/p99 and the wall time until every pod is networked (a /32 route per pod on the node is checked). Then DEL.
+   ADDs in flight, through the node-local server (``podnet-cni serve``) with the compiled client
+   (``.venv/bin/podnet-cni-client``, built by scripts/bootstrap), the lean Python client and the console script,
+   and one-shot (no server): per-ADD latency p50/p99, CPU per ADD, the server's per-step times, and the wall time
+   until every pod is networked (a /32 route per pod on the node is checked). Then DEL.
+   ``--only-compiled`` runs only the first of those rounds and prints without recording.
 3. Allocations per second across 4 nodes: one allocator process per node (and two per node), each calling
    ``Ipam.auto_assign`` in a loop, started together.
 
-Prints a table and appends it to bench/results/ipam_cni.md. Needs root (network namespaces); touches nothing
+Prints a table and appends it to bench/results/ipam_cni.md. ``PODNET_BENCH_SERVER`` replaces the server's command
+(e.g. a profiling wrapper around ``cni.server.serve_main``). Needs root (network namespaces); touches nothing
 outside the namespaces it creates.
 """
 
@@ -28,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,6 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = "/run/lock/podnet-netns.lock"
 PLUGIN = str(Path(sys.executable).parent / "podnet-cni")
 LEAN = [sys.executable, "-I", "-S", str(ROOT / "cni" / "main.py")]
+# The server's command line; PODNET_BENCH_SERVER swaps in another (e.g. a profiling wrapper of cni.server).
+SERVER = os.environ.get("PODNET_BENCH_SERVER", f"{PLUGIN} serve").split()
+# The compiled thin client (cni/client/podnet-cni.c), built by scripts/bootstrap.
+COMPILED = os.environ.get("PODNET_CNI_CLIENT") or str(ROOT / ".venv" / "bin" / "podnet-cni-client")
 
 ALLOCATOR = r"""
 import sys, time
@@ -108,7 +117,7 @@ def cni_call(
 
 def add_round(
     bed: NetnsBed, server: EtcdServer, pods: int, concurrency: int, *, client: list[str], use_server: bool, tag: str
-) -> dict[str, float]:
+) -> dict[str, Any]:
     underlay = bed.underlay()
     node = bed.node(f"n{tag}", underlay, 11)
     sock = f"/run/podnet-bench-{os.getpid()}-{tag}.sock"
@@ -124,9 +133,7 @@ def add_round(
     proc = None
     server_log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed below, after the server has exited
     if use_server:
-        proc = subprocess.Popen(
-            [PLUGIN, "serve", "--socket", sock], stdout=subprocess.PIPE, stderr=server_log, text=True
-        )
+        proc = subprocess.Popen([*SERVER, "--socket", sock], stdout=subprocess.PIPE, stderr=server_log, text=True)
         assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
     try:
 
@@ -180,10 +187,24 @@ def add_round(
             proc.terminate()
             proc.wait(timeout=10)
     server_log.seek(0)
-    # The server logs "ADD <id> -> 0 in 12.3 ms": its own share of each ADD, without the client process.
-    inside = [float(x) for x in re.findall(r"ADD \S+ -> 0 in ([0-9.]+) ms", server_log.read())]
+    # The server logs "ADD <id> -> 0 in 12.3 ms (parse 0.1, lock 2.0, ...)": its own share of each ADD, without the
+    # client process, and the steps of that share.
+    inside_by_cid: dict[str, float] = {}
+    phases: dict[str, list[float]] = {}
+    for cid, total, steps in re.findall(r"ADD (\S+) -> 0 in ([0-9.]+) ms \(([^)]*)\)", server_log.read()):
+        inside_by_cid[cid] = float(total)
+        for step in filter(None, steps.split(", ")):
+            name, ms = step.rsplit(" ", 1)
+            phases.setdefault(name, []).append(float(ms))
     server_log.close()
+    inside = list(inside_by_cid.values())
+    if inside:
+        # Outside the server: the client process, connecting, the accept queue, the handler thread's start.
+        phases["outside the server"] = [
+            lat[i] - inside_by_cid[f"{tag}c{i}"] for i in range(pods) if f"{tag}c{i}" in inside_by_cid
+        ]
     return {
+        "phases": phases,
         "p50": statistics.median(lat),
         "p99": pct(lat, 99),
         "max": max(lat),
@@ -231,7 +252,12 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--alloc-per-proc", type=int, default=500)
+    parser.add_argument(
+        "--only-compiled", action="store_true", help="only the compiled client's round; print, do not record"
+    )
     args = parser.parse_args()
+    if not os.access(COMPILED, os.X_OK):
+        raise SystemExit(f"{COMPILED} is missing: run scripts/bootstrap (it builds the compiled client)")
     # The netns test suite's lock: a benchmark and a netns suite would skew each other's figures.
     lock = open(LOCK, "w")  # noqa: SIM115 - held for the whole run
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -245,10 +271,13 @@ def main() -> None:
         with EtcdClient([server.endpoint]) as client:
             add_pool(Store(client), IPPool("10.244.0.0/16"))
         rounds = [
+            ("server, compiled client (`podnet-cni-client`)", [COMPILED], True),
             ("server, standalone lean client (`python3 -I -S cni/main.py`)", LEAN, True),
             ("server, console-script client (`podnet-cni`)", [PLUGIN], True),
             ("one-shot, no server (`podnet-cni`)", [PLUGIN], False),
         ]
+        if args.only_compiled:
+            rounds = rounds[:1]
         measured = []
         for i, (label, client, use_server) in enumerate(rounds):
             with NetnsBed() as bed:
@@ -259,8 +288,8 @@ def main() -> None:
         with EtcdClient([server.endpoint]) as client:
             client.delete_prefix("/podnet/v1/ipam/")
             add_pool(Store(client), IPPool("10.244.0.0/16"))
-        rate1 = alloc_rate(server, 4, 1, args.alloc_per_proc)
-        rate2 = alloc_rate(server, 4, 2, args.alloc_per_proc)
+        rate1 = alloc_rate(server, 4, 1, args.alloc_per_proc) if not args.only_compiled else float("nan")
+        rate2 = alloc_rate(server, 4, 2, args.alloc_per_proc) if not args.only_compiled else float("nan")
     finally:
         server.stop()
     for label, r in measured:
@@ -269,6 +298,13 @@ def main() -> None:
             f"{r['srv_p50']:.0f} / {r['srv_p99']:.0f} ms | {r['client_cpu_ms']:.0f} / {r['server_cpu_ms']:.0f} ms | "
             f"{r['wall']:.2f} s | {r['del_p99']:.0f} ms | {r['del_wall']:.2f} s |"
         )
+    phase_lines = []
+    for label, r in measured:
+        if r["phases"]:
+            steps = ", ".join(
+                f"{name} {statistics.median(v):.1f} / {pct(v, 99):.1f}" for name, v in r["phases"].items()
+            )
+            phase_lines += [f"- {label}: {steps}", ""]
     cpus = os.cpu_count()
     load_after = os.getloadavg()[0]
     text = "\n".join(
@@ -286,12 +322,19 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
+            "Where an ADD's time goes (ms, p50 / p99 over the ADDs; `ipam` includes the wait for the node's "
+            "group commit, `outside the server` is the client's latency minus the server's: process start, "
+            "connect, accept queue):",
+            "",
+            *phase_lines,
             f"Allocations/s across 4 nodes ({args.alloc_per_proc} per process): 1 process per node "
             f"{rate1:.0f}/s, 2 processes per node {rate2:.0f}/s.",
             "",
         ]
     )
     print(text)
+    if args.only_compiled:
+        return  # a quick look, not a recorded run
     results = ROOT / "bench" / "results" / "ipam_cni.md"
     with results.open("a") as fh:
         fh.write(text + "\n")

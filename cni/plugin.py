@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from datastore.etcd import EtcdClient
 from datastore.keys import InvalidKey
 from datastore.store import Store
 from ipam.allocator import Ipam, pod_handle
+from ipam.batch import GroupAllocator
 from ipam.errors import AddressInUse, InvalidRequest, IpamError, TooManyConflicts
 
 log = logging.getLogger(__name__)
@@ -44,33 +46,51 @@ class Outcome:
     code: int  # process exit status
     stdout: str
     stderr: str = ""
+    phases: tuple[tuple[str, float], ...] = ()  # where the time went (seconds), for the server's log
+
+
+class Phases:
+    """Wall time per step of one request: the server logs it, the benchmark reads it."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent.append((name, now - self._last))
+        self._last = now
 
 
 class Clients:
     """etcd clients and IPAM objects per endpoint list, reused across requests by the server. Allocations for one
-    node are serialised in-process (they would only conflict on the node's block), other writers still race by CAS."""
+    node are committed in groups in-process (``ipam.batch``; they would only conflict on the node's block), other
+    writers still race by CAS."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_endpoints: dict[tuple[str, ...], tuple[EtcdClient, Ipam]] = {}
-        self._node_locks: dict[str, threading.Lock] = {}
+        self._by_endpoints: dict[tuple[str, ...], tuple[EtcdClient, Ipam, GroupAllocator]] = {}
 
     def get(self, endpoints: tuple[str, ...]) -> tuple[EtcdClient, Ipam]:
+        client, ipam, _ = self._get(endpoints)
+        return client, ipam
+
+    def allocator(self, endpoints: tuple[str, ...]) -> GroupAllocator:
+        return self._get(endpoints)[2]
+
+    def _get(self, endpoints: tuple[str, ...]) -> tuple[EtcdClient, Ipam, GroupAllocator]:
         with self._lock:
             found = self._by_endpoints.get(endpoints)
             if found is None:
                 client = EtcdClient(list(endpoints), timeout=10.0)
-                found = (client, Ipam(client))
+                ipam = Ipam(client)
+                found = (client, ipam, GroupAllocator(ipam))
                 self._by_endpoints[endpoints] = found
             return found
 
-    def node_lock(self, node: str) -> threading.Lock:
-        with self._lock:
-            return self._node_locks.setdefault(node, threading.Lock())
-
     def close(self) -> None:
         with self._lock:
-            for client, _ in self._by_endpoints.values():
+            for client, _, _ in self._by_endpoints.values():
                 client.close()
             self._by_endpoints.clear()
 
@@ -79,6 +99,7 @@ def run(env: Mapping[str, str], stdin: bytes, clients: Clients | None = None) ->
     own = clients is None
     clients = clients or Clients()
     version = LATEST_VERSION
+    phases = Phases()
     try:
         cenv = parse_env(env)
         if cenv.command == "VERSION":
@@ -86,8 +107,9 @@ def run(env: Mapping[str, str], stdin: bytes, clients: Clients | None = None) ->
         data = decode(stdin)
         conf = parse_conf(data, env)
         version = conf.cni_version
-        result = COMMANDS[cenv.command](cenv, conf, clients)
-        return Outcome(0, json.dumps(result) + "\n" if result is not None else "")
+        phases.mark("parse")
+        result = COMMANDS[cenv.command](cenv, conf, clients, phases)
+        return Outcome(0, json.dumps(result) + "\n" if result is not None else "", phases=tuple(phases.spent))
     except CniError as exc:
         return Outcome(1, json.dumps(exc.to_json(version)) + "\n", f"podnet-cni: {exc.msg}\n")
     except Exception as exc:  # a bug: still answer in the spec's format
@@ -129,7 +151,7 @@ def _keys(cenv: CniEnv, conf: NetConf) -> tuple[k.EndpointKey, str]:
     return key, link.host_ifname(cenv.pod_namespace, cenv.pod_name)
 
 
-def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients) -> dict[str, Any]:
+def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> dict[str, Any]:
     client, ipam = clients.get(conf.etcd_endpoints)
     store = Store(client)
     _, host_if = _keys(cenv, conf)
@@ -138,14 +160,16 @@ def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients) -> dict[str, Any]:
     undo: list[tuple[str, Callable[[], object]]] = []
     try:
         requested = cenv.requested_ip or (conf.runtime_ips[0] if conf.runtime_ips else None)
+        group = clients.allocator(conf.etcd_endpoints)
         try:
-            with clients.node_lock(conf.node_name):
-                if requested:
+            if requested:
+                with group.node_lock(conf.node_name):
                     ip = ipam.assign_ip(requested, handle, conf.node_name, pod=pod_ref)
-                else:
-                    ip = ipam.auto_assign(handle, conf.node_name, pod=pod_ref, pool=conf.pool)
+            else:
+                ip = group.auto_assign(handle, conf.node_name, pod=pod_ref, pool=conf.pool)
         except (IpamError, DatastoreError) as exc:
             raise _ipam_error(exc) from None
+        phases.mark("ipam")
         undo.append(("release the address", lambda: ipam.release_handle(handle)))
         mac = link.pod_mac(cenv.container_id)
         att = link.Attachment(host_if, cenv.ifname, cenv.netns, ip, conf.mtu, mac, conf.host_netns)
@@ -154,6 +178,7 @@ def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients) -> dict[str, Any]:
             link.create(att)
         except link.LinkError as exc:
             raise CniError(INTERFACE_FAILURE, f"setting up {host_if}/{cenv.ifname} failed", str(exc)) from None
+        phases.mark("link")
         endpoint = m.Endpoint(
             node=conf.node_name,
             namespace=cenv.pod_namespace,
@@ -169,6 +194,7 @@ def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients) -> dict[str, Any]:
             store.put(endpoint)
         except DatastoreError as exc:
             raise _ipam_error(exc) from None
+        phases.mark("endpoint")
     except BaseException:
         for what, step in reversed(undo):
             try:
@@ -212,7 +238,7 @@ def _teardown(
     ipam.release_handle(pod_handle(container_id))
 
 
-def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
+def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
     client, ipam = clients.get(conf.etcd_endpoints)
     ep_key, host_if = _keys(cenv, conf)
     try:
@@ -221,7 +247,7 @@ def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
         raise _ipam_error(exc) from None
 
 
-def cmd_check(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
+def cmd_check(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
     client, _ = clients.get(conf.etcd_endpoints)
     store = Store(client)
     ep_key, host_if = _keys(cenv, conf)
@@ -244,7 +270,7 @@ def cmd_check(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
         raise CniError(CHECK_FAILED, "attachment is not as configured", "; ".join(problems))
 
 
-def cmd_status(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
+def cmd_status(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
     client, _ = clients.get(conf.etcd_endpoints)
     try:
         client.revision()
@@ -255,7 +281,7 @@ def cmd_status(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
         raise CniError(NOT_AVAILABLE, "no enabled IP pool: new pods cannot get an address")
 
 
-def cmd_gc(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
+def cmd_gc(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
     """Release this node's pod handles whose attachment the runtime no longer lists."""
     if conf.valid_attachments is None:
         raise CniError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments")
@@ -282,7 +308,7 @@ def cmd_gc(cenv: CniEnv, conf: NetConf, clients: Clients) -> None:
         raise _ipam_error(exc) from None
 
 
-COMMANDS: dict[str, Callable[[CniEnv, NetConf, Clients], Any]] = {
+COMMANDS: dict[str, Callable[[CniEnv, NetConf, Clients, Phases], Any]] = {
     "ADD": cmd_add,
     "DEL": cmd_del,
     "CHECK": cmd_check,

@@ -38,11 +38,12 @@ class _Handler(socketserver.StreamRequestHandler):
             started = time.perf_counter()
             outcome = run(env, stdin, self.server.clients)
             log.info(
-                "%s %s -> %d in %.1f ms",
+                "%s %s -> %d in %.1f ms (%s)",
                 env.get("CNI_COMMAND", "?"),
                 env.get("CNI_CONTAINERID", "-"),
                 outcome.code,
                 (time.perf_counter() - started) * 1000,
+                ", ".join(f"{name} {spent * 1000:.1f}" for name, spent in outcome.phases),
             )
         out = outcome.stdout.encode()
         self.wfile.write(b"%d %d\n" % (outcome.code, len(out)) + out + outcome.stderr.encode())

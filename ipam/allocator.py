@@ -123,6 +123,53 @@ class Ipam:
             self._backoff(attempt)
         raise TooManyConflicts(f"allocation for {handle} on {node} lost {self.max_retries} compare-and-swap rounds")
 
+    def auto_assign_batch(
+        self, requests: Sequence[tuple[str, str | None]], node: str, *, pool: str | None = None
+    ) -> dict[str, str]:
+        """The fast path for several pods of one node at once: as many ``requests`` (handle, pod) as fit in the free
+        addresses of the node's cached blocks, in ONE transaction that compares every block's revision and every
+        handle's absence. Returns {handle: address} for those; {} when the transaction lost a compare. The caller
+        sends the rest through ``auto_assign``, which claims blocks, borrows, retries and returns existing handles.
+        """
+        pools = eligible_pools(self._pools(), None, pool)
+        unique = list(dict.fromkeys(h for h, _ in requests))  # a handle twice would be two puts of one key
+        pods = dict(requests)
+        if not pools or not unique:
+            return {}
+        assigned: dict[str, str] = {}
+        touched: list[tuple[_Cached, m.Block]] = []
+        for cached in self._affine_blocks(node, pools, refresh=False):
+            todo = unique[len(assigned) :]
+            if not todo:
+                break
+            free = [o for o in range(cached.block.size) if o not in cached.block.allocations][: len(todo)]
+            if not free:
+                continue
+            allocations = dict(cached.block.allocations)
+            for handle, ordinal in zip(todo, free, strict=False):
+                allocations[ordinal] = m.Allocation(handle, pods[handle], "pod")
+                assigned[handle] = cached.block.address(ordinal)
+            touched.append((cached, replace(cached.block, allocations=allocations)))
+        if not assigned:
+            return {}
+        compares: list[Compare] = []
+        ops: list[Op] = []
+        for cached, block in touched:
+            path = k.BlockKey(block.cidr).path
+            compares.append(ModRevisionIs(path, cached.revision))
+            ops.append(Put(path, codec.encode(block)))
+        for handle, ip in assigned.items():
+            path = k.HandleKey(handle).path
+            compares.append(ModRevisionIs(path, 0))
+            ops.append(Put(path, codec.encode(m.Handle(handle, (ip,), pods[handle], node))))
+        result = self.client.txn(compares, ops)
+        if not result.succeeded:
+            return {}
+        with self._lock:
+            for _, block in touched:
+                self._cache.setdefault(node, {})[block.cidr] = _Cached(block, result.revision)
+        return assigned
+
     def assign_ip(self, ip: str, handle: str, node: str, *, pod: str | None = None, kind: str = "pod") -> str:
         """Allocate the specific address ``ip`` to ``handle``. Idempotent for the same handle; raises
         ``AddressInUse`` if another handle holds it, ``InvalidRequest`` if no enabled pool contains it."""
