@@ -37,6 +37,7 @@ from agent.dataplane.render import (
     rewrite_chains,
     rule_hashes,
     temp_name,
+    with_jumps_reasserted,
 )
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,14 @@ class PolicyDataplane:
         result = SyncResult(full=full)
         try:
             self._apply(desired, full, delete_stale, result)
-        except Exception:
+        except Exception as exc:
             self.forget()
-            raise
+            if full:
+                raise
+            # The kernel is not what we believed (say a jump deleted by hand, found by the legacy re-assert): read
+            # it all back and repair now rather than on the next retry.
+            log.warning("incremental sync failed, doing a full one: %s", exc)
+            return self.apply(desired, full=True, delete_stale=delete_stale)
         return result
 
     def remove_all(self) -> SyncResult:
@@ -99,7 +105,7 @@ class PolicyDataplane:
     def _apply(self, desired: DataplaneState, full: bool, delete_stale: bool, result: SyncResult) -> None:
         tables = sorted({"filter", *desired.tables, *(self._chains or {}), *(t for t, _ in self._jumps)})
         builtin: dict[str, dict[str, list[str]]] = {}
-        listing: Listing | None = None
+        recheck: dict[str, list[str]] = {}
         if full:
             chains: dict[str, dict[str, tuple[str, ...]]] = {}
             jumps: set[tuple[str, str]] = set()
@@ -113,30 +119,23 @@ class PolicyDataplane:
             chains = {t: dict(self._chains.get(t, {})) for t in tables}
             jumps = set(self._jumps)
             sets = dict(self._sets)
-            wanted: dict[str, list[str]] = {}
             for table in tables:
                 names = {j.chain for j in desired.jumps if j.table == table} | {c for t, c in jumps if t == table}
-                wanted[table] = sorted(names)
+                recheck[table] = sorted(names)
                 builtin[table] = {c: list(self._builtin.get(table, {}).get(c, [])) for c in names}
-            listing = self.iptables.start_listing(wanted)
-        try:
-            self._write(
-                desired,
-                result,
-                full=full,
-                delete_stale=delete_stale,
-                tables=tables,
-                chains=chains,
-                jumps=jumps,
-                sets=sets,
-                builtin=builtin,
-            )
-        except BaseException:
-            if listing is not None:
-                listing.discard()
-            raise
-        if listing is not None:
-            self._recheck_jumps(desired, delete_stale, result, listing.result())
+        listing = self._write(
+            desired,
+            result,
+            full=full,
+            delete_stale=delete_stale,
+            tables=tables,
+            chains=chains,
+            jumps=jumps,
+            sets=sets,
+            builtin=builtin,
+            recheck=None if full else recheck,
+        )
+        self._recheck_jumps(desired, delete_stale, result, listing.result())
 
     def _recheck_jumps(
         self, desired: DataplaneState, delete_stale: bool, result: SyncResult, fresh: dict[str, dict[str, list[str]]]
@@ -171,7 +170,10 @@ class PolicyDataplane:
         jumps: set[tuple[str, str]],
         sets: dict[str, KernelSet],
         builtin: dict[str, dict[str, list[str]]],
-    ) -> None:
+        recheck: dict[str, list[str]] | None,
+    ) -> Listing:
+        """Write the sync; returns the re-read of the built-in chains ``recheck`` names (table -> chains), started
+        in the background unless the table's transaction re-asserts its jumps itself (legacy, see below)."""
         retype = needs_retype(desired.ipsets, sets)
         if retype:
             self._retype(desired, retype, tables, sets)
@@ -181,15 +183,8 @@ class PolicyDataplane:
         )
         ipset_plan = plan_ipsets(desired.ipsets, sets, delete_stale, unchanged)
         result.stale_found += ipset_plan.stale_found
-        self.ipset.restore(ipset_plan.text)
-        changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
-        result.sets_changed = changed
-        result.sets_rebuilt += list(ipset_plan.rebuilt)
-        sets = {**{n: s for n, s in sets.items() if not delete_stale}, **ipset_plan.written}
-
-        fixed: dict[str, tuple[str, ...]] = {}
-        for table in tables:
-            plan = plan_table(
+        plans = {
+            table: plan_table(
                 table,
                 desired=desired.tables.get(table, {}),
                 jumps=desired.jumps,
@@ -197,20 +192,44 @@ class PolicyDataplane:
                 builtin=builtin.get(table, {}),
                 delete_stale=delete_stale,
             )
-            fixed[table] = plan.jumps_fixed
-            if plan.text:
-                self.iptables.restore(table, plan.text)
-                log.debug("iptables %s: wrote %s, deleted %s", table, plan.chains_written, plan.chains_deleted)
-            kept = {n: h for n, h in chains.get(table, {}).items() if not delete_stale}
-            chains[table] = {**kept, **{n: rule_hashes(c) for n, c in desired.tables.get(table, {}).items()}}
-            result.chains_written += [f"{table}/{c}" for c in plan.chains_written]
-            result.chains_deleted += [f"{table}/{c}" for c in plan.chains_deleted]
-            result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
-            result.stale_found += plan.stale_found
-            jumps = {(t, c) for t, c in jumps if t != table}
-            jumps |= {(j.table, j.chain) for j in desired.jumps if j.table == table}
-            if not delete_stale:  # stale jumps stay until cleanup: remember where they are
-                jumps |= {(table, c) for c, rules in builtin.get(table, {}).items() if any(map(is_our_jump, rules))}
+            for table in tables
+        }
+        to_list: dict[str, list[str]] = {}
+        for table, names in (recheck or {}).items():
+            if self.backend.name == "legacy" and plans[table].text:
+                # A legacy transaction replaces the whole table anyway, so deleting our jumps and inserting them first
+                # again costs nothing, and re-reading the chains would only queue on the xtables lock before it. A
+                # jump someone deleted makes the transaction fail; apply() then does a full sync.
+                plans[table] = with_jumps_reasserted(plans[table], desired.jumps)
+            else:
+                to_list[table] = names
+        listing = self.iptables.start_listing(to_list)
+        try:
+            self.ipset.restore(ipset_plan.text)
+            changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
+            result.sets_changed = changed
+            result.sets_rebuilt += list(ipset_plan.rebuilt)
+            sets = {**{n: s for n, s in sets.items() if not delete_stale}, **ipset_plan.written}
+
+            for table in tables:
+                plan = plans[table]
+                if plan.text:
+                    self.iptables.restore(table, plan.text)
+                    log.debug("iptables %s: wrote %s, deleted %s", table, plan.chains_written, plan.chains_deleted)
+                kept = {n: h for n, h in chains.get(table, {}).items() if not delete_stale}
+                chains[table] = {**kept, **{n: rule_hashes(c) for n, c in desired.tables.get(table, {}).items()}}
+                result.chains_written += [f"{table}/{c}" for c in plan.chains_written]
+                result.chains_deleted += [f"{table}/{c}" for c in plan.chains_deleted]
+                result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
+                result.stale_found += plan.stale_found
+                jumps = {(t, c) for t, c in jumps if t != table}
+                jumps |= {(j.table, j.chain) for j in desired.jumps if j.table == table}
+                if not delete_stale:  # stale jumps stay until cleanup: remember where they are
+                    jumps |= {(table, c) for c, rules in builtin.get(table, {}).items() if any(map(is_our_jump, rules))}
+        except BaseException:
+            listing.discard()
+            raise
+        fixed = {table: plan.jumps_fixed for table, plan in plans.items()}
 
         if ipset_plan.destroy_text:
             self.ipset.restore(ipset_plan.destroy_text)
@@ -220,6 +239,7 @@ class PolicyDataplane:
         self._sets = sets
         self._written_sets = dict(desired.ipsets)
         self._builtin = {t: after_jump_fixes(b, desired.jumps, t, fixed.get(t, ())) for t, b in builtin.items()}
+        return listing
 
     def _retype(
         self,

@@ -15,7 +15,7 @@ import ipaddress
 import re
 import shlex
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.calc.state import Chain, IpSet, KernelJump
 
@@ -194,6 +194,18 @@ def plan_table(
     lines += [f"-X {name}" for name in stale]
     lines.append("COMMIT")
     return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed), left)
+
+
+def with_jumps_reasserted(plan: TablePlan, jumps: Iterable[KernelJump]) -> TablePlan:
+    """``plan`` that also deletes each of our wanted jumps of its table and inserts it first again (where the plan
+    does not fix that chain already): the transaction then leaves every jump on top whatever moved it."""
+    lines = plan.text.splitlines()
+    assert lines and lines[-1] == "COMMIT", "a plan with text ends with COMMIT"
+    extra: list[str] = []
+    for jump in jumps:
+        if jump.table == plan.table and jump.chain not in plan.jumps_fixed:
+            extra += [f"-D {jump.chain} {jump.rule}", f"-I {jump.chain} 1 {jump.rule}"]
+    return replace(plan, text="\n".join([*lines[:-1], *extra, "COMMIT"]) + "\n")
 
 
 def after_jump_fixes(

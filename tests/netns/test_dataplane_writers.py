@@ -342,5 +342,28 @@ def test_every_incremental_sync_rechecks_and_fixes_the_jumps(netns_bed: NetnsBed
         assert not bed.reach(bed.a) and bed.reach(bed.c)
         again = dp.apply(isolate_b(bed, {bed.c.ip}))
         assert not again.wrote and not again.jumps_fixed
+
+        # The same when the change rewrites a chain (legacy re-asserts the jumps inside that transaction; a jump
+        # deleted by hand makes it fail, and the writer falls back to a full sync at once).
+        def port_changed(port: int) -> DataplaneState:
+            st = isolate_b(bed, {bed.c.ip})
+            chains = dict(st.tables["filter"])
+            chains["podnet-INPUT"] = Chain("podnet-INPUT", (f"-i cali+ -p tcp --dport {port} -j DROP",))
+            return DataplaneState(ipsets=st.ipsets, tables={"filter": chains}, jumps=st.jumps)
+
+        runner.run([ipt, "-D", "FORWARD", "-m", "comment", "--comment", "intruder", "-j", "ACCEPT"])
+        runner.run([ipt, "-I", "FORWARD", "1", "-m", "comment", "--comment", "intruder", "-j", "ACCEPT"])
+        r = dp.apply(port_changed(10))
+        assert r.chains_written == ["filter/podnet-INPUT"]
+        rules = chain_rules(save(bed.node, backend), "FORWARD")
+        assert rules[0].endswith("-j podnet-FORWARD") and "intruder" in rules[1] and len(rules) == 2
+        runner.run([ipt, "-D", "FORWARD", "-m", "comment", "--comment", "podnet", "-j", "podnet-FORWARD"])
+        assert bed.reach(bed.a)
+        r = dp.apply(port_changed(11))
+        assert "filter/FORWARD" in r.jumps_fixed
+        rules = chain_rules(save(bed.node, backend), "FORWARD")
+        assert rules[0].endswith("-j podnet-FORWARD") and "intruder" in rules[1] and len(rules) == 2
+        assert "--dport 11 " in "".join(chain_rules(save(bed.node, backend), "podnet-INPUT"))
+        assert not bed.reach(bed.a) and bed.reach(bed.c)
     finally:
         PolicyDataplane(runner, Backend(backend)).remove_all()
