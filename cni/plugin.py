@@ -222,27 +222,47 @@ def _result(conf: NetConf, cenv: CniEnv, host_if: str, att: link.Attachment) -> 
 
 
 def _teardown(
-    store: Store, ipam: Ipam, container_id: str, *, ep_key: k.EndpointKey, host_if: str, host_netns: str | None
+    store: Store,
+    ipam: Ipam,
+    container_id: str,
+    *,
+    ep_key: k.EndpointKey,
+    host_if: str,
+    host_netns: str | None,
+    phases: Phases | None = None,
 ) -> None:
     """Remove one attachment: veth and endpoint only if they are this container's (a newer sandbox of the same pod
     keeps its own), then release the handle. Every step tolerates absence."""
+    phases = phases or Phases()
     got = store.get(ep_key, m.Endpoint)
+    phases.mark("read")
     if got is None or got.value.container_id == container_id:
         try:
             link.delete(host_if, host_netns)
         except link.LinkError as exc:
             raise CniError(INTERFACE_FAILURE, f"deleting {host_if} failed", str(exc)) from None
+        phases.mark("link")
         if got is not None:
             with contextlib.suppress(CasConflict):  # replaced meanwhile by a newer sandbox: not ours any more
                 store.delete(ep_key, got.mod_revision)
+            phases.mark("endpoint")
     ipam.release_handle(pod_handle(container_id))
+    phases.mark("ipam")
 
 
-def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
+def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> None:
     client, ipam = clients.get(conf.etcd_endpoints)
     ep_key, host_if = _keys(cenv, conf)
     try:
-        _teardown(Store(client), ipam, cenv.container_id, ep_key=ep_key, host_if=host_if, host_netns=conf.host_netns)
+        _teardown(
+            Store(client),
+            ipam,
+            cenv.container_id,
+            ep_key=ep_key,
+            host_if=host_if,
+            host_netns=conf.host_netns,
+            phases=phases,
+        )
     except (IpamError, DatastoreError) as exc:
         raise _ipam_error(exc) from None
 

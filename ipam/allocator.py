@@ -124,12 +124,13 @@ class Ipam:
         raise TooManyConflicts(f"allocation for {handle} on {node} lost {self.max_retries} compare-and-swap rounds")
 
     def auto_assign_batch(
-        self, requests: Sequence[tuple[str, str | None]], node: str, *, pool: str | None = None
+        self, requests: Sequence[tuple[str, str | None]], node: str, *, pool: str | None = None, refresh: bool = False
     ) -> dict[str, str]:
         """The fast path for several pods of one node at once: as many ``requests`` (handle, pod) as fit in the free
         addresses of the node's cached blocks, in ONE transaction that compares every block's revision and every
         handle's absence. Returns {handle: address} for those; {} when the transaction lost a compare. The caller
         sends the rest through ``auto_assign``, which claims blocks, borrows, retries and returns existing handles.
+        ``refresh`` re-reads the node's blocks first (after a lost compare: another writer changed one).
         """
         pools = eligible_pools(self._pools(), None, pool)
         unique = list(dict.fromkeys(h for h, _ in requests))  # a handle twice would be two puts of one key
@@ -138,7 +139,7 @@ class Ipam:
             return {}
         assigned: dict[str, str] = {}
         touched: list[tuple[_Cached, m.Block]] = []
-        for cached in self._affine_blocks(node, pools, refresh=False):
+        for cached in self._affine_blocks(node, pools, refresh=refresh):
             todo = unique[len(assigned) :]
             if not todo:
                 break

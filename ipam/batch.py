@@ -65,8 +65,15 @@ class GroupAllocator:
         return req.ip
 
     def _commit(self, batch: list[_Request], node: str, pool: str | None) -> None:
+        requests = [(r.handle, r.pod) for r in batch]
+        got: dict[str, str] = {}
         try:
-            got = self.ipam.auto_assign_batch([(r.handle, r.pod) for r in batch], node, pool=pool) if batch else {}
+            # A lost compare is usually a block another writer (a DEL's release, another process) changed: one
+            # more try on fresh blocks keeps the batch whole. A handle that exists already fails both times.
+            for refresh in (False, True):
+                got = self.ipam.auto_assign_batch(requests, node, pool=pool, refresh=refresh) if batch else {}
+                if got:
+                    break
         except Exception:  # the one-by-one path below reports each request's own error
             got = {}
         for r in batch:

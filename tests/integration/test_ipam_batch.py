@@ -51,6 +51,8 @@ def test_a_lost_compare_writes_nothing(etcd: EtcdClient) -> None:
     before = etcd.revision()
     assert ipam.auto_assign_batch([("new", None)], "n1") == {}
     assert etcd.revision() == before and "new" not in handles(etcd)
+    # Re-read, it goes through, next to the other writer's address.
+    assert ipam.auto_assign_batch([("new", None)], "n1", refresh=True) == {"new": "10.244.0.2"}
     assert check(etcd).problems == ()  # no address twice, every allocation has its handle and vice versa
 
 
