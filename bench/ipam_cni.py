@@ -152,12 +152,15 @@ def add_round(
         # and the server's own, per ADD.
         kids_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         srv_before = cpu_seconds(proc.pid) if proc is not None else 0.0
+        assert server.proc is not None
+        etcd_before = cpu_seconds(server.proc.pid)
         t = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(add, range(pods)))
         wall = time.perf_counter() - t
         kids_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         srv_cpu = (cpu_seconds(proc.pid) - srv_before) if proc is not None else float("nan")
+        etcd_cpu = cpu_seconds(server.proc.pid) - etcd_before
         client_cpu = (kids_after.ru_utime + kids_after.ru_stime) - (kids_before.ru_utime + kids_before.ru_stime)
         failed = [out for _, code, out in results if code != 0]
         if failed:
@@ -215,6 +218,7 @@ def add_round(
         "srv_p99": pct(inside, 99) if inside else float("nan"),
         "client_cpu_ms": client_cpu / pods * 1000,
         "server_cpu_ms": srv_cpu / pods * 1000,
+        "etcd_cpu_ms": etcd_cpu / pods * 1000,
     }
 
 
@@ -295,7 +299,8 @@ def main() -> None:
     for label, r in measured:
         rows.append(
             f"| {label} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['max']:.0f} ms | "
-            f"{r['srv_p50']:.0f} / {r['srv_p99']:.0f} ms | {r['client_cpu_ms']:.0f} / {r['server_cpu_ms']:.0f} ms | "
+            f"{r['srv_p50']:.0f} / {r['srv_p99']:.0f} ms | "
+            f"{r['client_cpu_ms']:.1f} / {r['server_cpu_ms']:.1f} / {r['etcd_cpu_ms']:.1f} ms | "
             f"{r['wall']:.2f} s | {r['del_p99']:.0f} ms | {r['del_wall']:.2f} s |"
         )
     phase_lines = []
@@ -317,7 +322,7 @@ def main() -> None:
             f"`python -c 'import cni.plugin'` {full:.0f} ms, "
             f"`python -I -S` with the lean client's imports {lean:.0f} ms.",
             "",
-            f"| CNI mode | ADD p50 | ADD p99 | ADD max | in server p50 / p99 | CPU per ADD client / server "
+            f"| CNI mode | ADD p50 | ADD p99 | ADD max | in server p50 / p99 | CPU per ADD client / server / etcd "
             f"| {args.pods} pods networked | DEL p99 | {args.pods} DELs |",
             "|---|---|---|---|---|---|---|---|---|",
             *rows,
