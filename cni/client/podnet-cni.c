@@ -144,9 +144,8 @@ static int connect_server(const char *path) {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -1;
-    while (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
-        if (errno == EINTR)
-            continue;
+    /* No signal handlers are installed, so no EINTR: one attempt. */
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         int saved = errno;
         close(fd);
         errno = saved;
@@ -168,6 +167,7 @@ static int fallback(const char *path, int connect_errno, const struct buf *in) {
         close(fd);
     if (setenv("PODNET_CNI_SOCKET", "/nonexistent", 1) != 0)
         die_oom();
+    signal(SIGPIPE, SIG_DFL); /* an ignored signal would stay ignored across exec */
     char *argv[] = {(char *)target, NULL};
     execvp(target, argv);
     return cni_error(50, "no CNI server at %s (%s) and cannot run %s: %s", path, strerror(connect_errno), target,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -158,7 +159,10 @@ def test_no_server_runs_the_fallback_with_the_same_stdin(client: str, tmp_path: 
     seen = tmp_path / "seen"
     fallback = tmp_path / "fallback.sh"
     fallback.write_text(
-        f'#!/bin/sh\ncat > {seen}.stdin\necho "$PODNET_CNI_SOCKET $CNI_COMMAND" > {seen}.env\necho out\nexit 3\n'
+        f"#!/bin/sh\ncat > {seen}.stdin\n"
+        f'echo "$PODNET_CNI_SOCKET $CNI_COMMAND" > {seen}.env\n'
+        f"grep SigIgn /proc/$$/status > {seen}.sig\n"
+        "echo out\nexit 3\n"
     )
     fallback.chmod(0o755)
     stdin = b'{"cniVersion": "1.0.0"}' + b" " * 200_000
@@ -171,6 +175,8 @@ def test_no_server_runs_the_fallback_with_the_same_stdin(client: str, tmp_path: 
     assert proc.returncode == 3 and proc.stdout == b"out\n"
     assert Path(f"{seen}.stdin").read_bytes() == stdin
     assert Path(f"{seen}.env").read_text() == "/nonexistent DEL\n"
+    ignored = int(Path(f"{seen}.sig").read_text().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))  # the client's own SIGPIPE setting is not inherited
 
 
 def test_no_server_and_no_fallback_is_a_spec_error(client: str, tmp_path: Path) -> None:
