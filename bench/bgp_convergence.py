@@ -175,10 +175,14 @@ def bird_conf(me: m.Node, models: dict[str, m.Node], topo: Topology) -> str:
         if topo.reflectors and me.rr_cluster_id is None and other.rr_cluster_id is None:
             continue  # clients peer with reflectors only
         rr = " rr client; rr cluster id 1.0.0.1;" if me.rr_cluster_id and other.rr_cluster_id is None else ""
+        # The origin's route is a local blackhole (as a podnet node's own block is): a node sends it with itself as
+        # the next hop, as podnet does and as Calico's BIRD configuration does; a reflector keeps the next hop.
+        # Receivers install it via that next hop (a neighbor on the shared subnet: ``direct``) as podnet's nodes do.
+        nh = "" if me.rr_cluster_id else " next hop self;"
         lines.append(
-            f"protocol bgp p{i} {{ local {me.address} as 64512; neighbor {other.address} as 64512;{rr}"
+            f"protocol bgp p{i} {{ local {me.address} as 64512; neighbor {other.address} as 64512; direct;{rr}"
             f" hold time {DEFAULTS.hold_time}; connect retry time 2; error wait time 1, 10;"
-            " ipv4 { import all; export where net ~ 10.250.0.0/16; }; }"
+            f" ipv4 {{ import all; export where net ~ 10.250.0.0/16;{nh} }}; }}"
         )
     return "\n".join(lines) + "\n"
 
