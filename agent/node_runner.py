@@ -52,6 +52,9 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 
 log = logging.getLogger(__name__)
+ANNOUNCE_HANDOFF = 0.05  # seconds a pass waits at most for the speaker to start sending a changed announcement
+# Per-hop timestamps for latency analysis (--trace FILE; bench/routes_convergence.py --trace).
+trace = logging.getLogger("podnet.trace.runner")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class RunnerConfig:
     bgp_defaults: Defaults = field(default_factory=Defaults)
     resync: float = 10.0
     bgp_poll: float = 0.5
+    coalesce_quiet: float = 0.001  # a pass starts once changes pause this long...
+    coalesce_max: float = 0.01  # ...or this long after the first change of a burst
     settle: float = 2.0
     startup_grace: float = 30.0
     status_ttl: int = 20
@@ -86,13 +91,16 @@ class NodeRunner:
         self.node = config.node
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.cache = Cache(client, on_change=self._wake.set)
+        self.cache = Cache(client, on_change=self._datastore_changed)
         self.netlink = Netlink(config.netns)
         self.links = LinkWriter(self.netlink)
         self.routes = RouteWriter(self.netlink)
         self.status = StatusPublisher(client, config.node, ttl=config.status_ttl)
         self.speaker: Speaker | None = None
         self._identity: SpeakerIdentity | None = None
+        self._peer_inputs: tuple[object, ...] = ()  # what the speaker's peer set was last planned from
+        self._peers_published: dict[str, m.BGPPeerStatus] = {}
+        self._counts_published_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._all_up_since: float | None = None
@@ -142,6 +150,16 @@ class NodeRunner:
     def wake(self) -> None:
         self._wake.set()
 
+    def _datastore_changed(self) -> None:
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("datastore-change")
+        self._wake.set()
+
+    def _bgp_changed(self) -> None:
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("bgp-change")
+        self._wake.set()
+
     def _loop(self) -> None:
         next_resync = time.monotonic() + self.config.resync
         while not self._stop.is_set():
@@ -153,15 +171,28 @@ class NodeRunner:
             # Belt and braces: a lost change notification from the speaker costs at most ``bgp_poll`` seconds.
             if not (woken or time.monotonic() >= deadline or self._learned_changed()):
                 continue
-            time.sleep(0.01)  # coalesce a burst of updates into one pass
-            self._wake.clear()
+            self._settle()
             next_resync = time.monotonic() + self.config.resync
             try:
                 self.sync_once()
+                if trace.isEnabledFor(logging.DEBUG):
+                    trace.debug("pass-end")
             except Exception:
                 log.exception("runner pass failed; retrying")
                 self._stop.wait(1.0)
                 self._wake.set()
+
+    def _settle(self) -> None:
+        """Let a burst of changes (one etcd transaction seen by several watches, a run of BGP updates) end before
+        the pass: wait until none has come for ``coalesce_quiet``, at most ``coalesce_max`` after the first. A
+        lone change waits only ``coalesce_quiet``; whatever arrives during the pass wakes the next one."""
+        end = time.monotonic() + self.config.coalesce_max
+        while True:
+            self._wake.clear()
+            left = end - time.monotonic()
+            if left <= 0 or not self._wake.wait(min(self.config.coalesce_quiet, left)):
+                break
+        self._wake.clear()
 
     def _learned_changed(self) -> bool:
         return self.speaker is not None and self.speaker.best_routes() != self._last_learned
@@ -169,6 +200,9 @@ class NodeRunner:
     # -- one pass -----------------------------------------------------------------------------------------------
 
     def sync_once(self) -> None:
+        tracing = trace.isEnabledFor(logging.DEBUG)
+        if tracing:
+            trace.debug("pass-start")
         snap = self.cache.snapshot()
         self.passes += 1
         if snap.in_sync != self._was_in_sync:
@@ -206,7 +240,11 @@ class NodeRunner:
             self._publish(self.last_result, problems, snap.revision)
             return
         self._withdrawn_done = set(withdrawn)
+        if tracing:
+            trace.debug("planned")
         links = self.links.apply(plan, in_sync=True, learned_in_sync=learned_in_sync, verify=verify)
+        if tracing:
+            trace.debug("links-applied")
         problems.extend(links.problems)
         verify = verify or links.devices_changed
         result = self.routes.apply(
@@ -216,6 +254,10 @@ class NodeRunner:
             self._last_verify = time.monotonic()
         self._verify_due = bool(result.failed or links.problems)
         problems.extend(f"{cidr}: {why}" for cidr, why in sorted(result.failed.items()))
+        if tracing:
+            before = self.last_result.programmed if self.last_result is not None else {}
+            written = [cidr for cidr, done in result.programmed.items() if before.get(cidr) != done]
+            trace.debug("routes-written %s removed=%s", " ".join(written[:5]), " ".join(result.removed[:5]))
         if result.changed:
             log.info(
                 "routes: %d written, removed %s (%d learned, BGP in sync: %s)",
@@ -235,8 +277,9 @@ class NodeRunner:
                 st.node, st.cidr, st.type, st.via, done.dev, st.encapsulation, st.learned_from
             )
         self.status.publish_routes(statuses)
-        peers = self.speaker.peer_status() if self.speaker is not None else []
-        self.status.publish_peers({p.address: p.to_status(self.node) for p in peers})
+        peers = self._peer_statuses()
+        if self.status.publish_peers(peers):
+            self._peers_published = peers
         ident = self._identity
         agent = m.AgentStatus(
             node=self.node,
@@ -256,6 +299,28 @@ class NodeRunner:
         if self.status.publish_agent(agent):
             self._agent_published, self._agent_published_at = agent, time.monotonic()
 
+    def _peer_statuses(self) -> dict[str, m.BGPPeerStatus]:
+        """The peers' status to publish. Prefix counts move with every route change anywhere (each would cost one
+        etcd write per peer on every node, a reflector's fan-out on every event): a peer whose only change is its
+        counts keeps its last published record, and counts are refreshed once per ``resync``. State changes are
+        published at once."""
+        current = {p.address: p.to_status(self.node) for p in (self.speaker.peer_status() if self.speaker else [])}
+        now = time.monotonic()
+        if now - self._counts_published_at >= self.config.resync:
+            self._counts_published_at = now
+            return current
+        last = self._peers_published
+        out = {}
+        for address, st in current.items():
+            old = last.get(address)
+            same = (
+                old is not None
+                and dataclasses.replace(old, prefixes_received=st.prefixes_received, prefixes_sent=st.prefixes_sent)
+                == st
+            )
+            out[address] = old if same and old is not None else st
+        return out
+
     def _steer_speaker(self, snap: Snapshot, me: m.Node) -> None:
         ident = identity(me, snap.config)
         if self.speaker is None or ident != self._identity:
@@ -264,13 +329,21 @@ class NodeRunner:
                 self.speaker.stop(withdraw=True)
             self.speaker = self._make_speaker(ident)
             self._identity = ident
-            self.speaker.on_change(self._wake.set)
+            self.speaker.on_change(self._bgp_changed)
             self.speaker.start()
-        self.speaker.set_peers(
-            plan_peers(self.node, snap.nodes, snap.config, snap.bgp_peers.values(), self.config.bgp_defaults)
-        )
+        # Most passes come from changes that do not touch the sessions (blocks, pods, BGP updates): plan them only
+        # when their inputs changed (the snapshot shares unchanged records, so the comparison is cheap).
+        inputs = (self.speaker, snap.nodes, snap.config, snap.bgp_peers)
+        if inputs != self._peer_inputs:
+            self.speaker.set_peers(
+                plan_peers(self.node, snap.nodes, snap.config, snap.bgp_peers.values(), self.config.bgp_defaults)
+            )
+            self._peer_inputs = inputs
+        # BGP before the kernel: a changed announcement is handed to ExaBGP before this pass goes on (other nodes
+        # wait for it; our own kernel writes do not).
         self.speaker.announce(
-            plan_announcements(self.node, snap.blocks, snap.affinities, snap.endpoints.values(), snap.nodes)
+            plan_announcements(self.node, snap.blocks, snap.affinities, snap.endpoints.values(), snap.nodes),
+            handoff=ANNOUNCE_HANDOFF,
         )
 
     def _make_speaker(self, ident: SpeakerIdentity) -> Speaker:
@@ -340,8 +413,16 @@ def main(argv: list[str] | None = None) -> int:
         help="on SIGTERM tell peers we are gone (default: a planned restart; peers keep our routes)",
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--trace", type=Path, help="append per-hop timestamps (route latency analysis) to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
+    if args.trace is not None:
+        handler = logging.FileHandler(args.trace)
+        handler.setFormatter(logging.Formatter(f"%(created).6f {args.node} %(threadName)s %(message)s"))
+        tracer = logging.getLogger("podnet.trace")
+        tracer.setLevel(logging.DEBUG)
+        tracer.propagate = False
+        tracer.addHandler(handler)
     config = RunnerConfig(
         node=args.node,
         workdir=args.workdir,

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import queue
 import socket
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,14 @@ class BridgeLink:
         self.bridge_pid: int | None = None
         self.closed = False
 
-    def call(self, line: str) -> tuple[bool, list[str]]:
+    def call(self, line: str, on_sent: Callable[[], None] | None = None) -> tuple[bool, list[str]]:
+        """Send one command and wait for its ack; ``on_sent`` runs once the line is on its way."""
         try:
             self.sock.sendall((line + "\n").encode())
         except OSError:
             raise BridgeLost() from None
+        if on_sent is not None:
+            on_sent()
         try:
             ack = self.acks.get(timeout=ACK_TIMEOUT)
         except queue.Empty:

@@ -87,16 +87,20 @@ def plan_peers(
     """The sessions ``node`` should have, sorted by address. Raises KeyError if ``node`` is not in ``nodes``."""
     me = nodes[node]
     my_ip = me.address
+    my_key = _ip_key(my_ip)
     out: dict[str, PeerSpec] = {}
     errors: list[PeerSpec] = []
+    # Node.address parses the record's interface string: once per node, not once per use (this runs every pass).
+    address = {n.name: n.address for n in nodes.values()}
 
     def node_peer(other: m.Node, kind: str, rr_client: bool) -> PeerSpec:
+        other_ip = address[other.name]
         return PeerSpec(
-            address=other.address,
+            address=other_ip,
             as_number=other.as_number or cluster.as_number,
             kind=kind,
             name=other.name,
-            passive=_ip_key(my_ip) < _ip_key(other.address),  # the lower address waits, the higher connects
+            passive=my_key < _ip_key(other_ip),  # the lower address waits, the higher connects
             hold_time=defaults.hold_time,
             graceful_restart_time=defaults.graceful_restart_time,
             rr_client=rr_client,
@@ -104,27 +108,25 @@ def plan_peers(
 
     others = [n for name, n in sorted(nodes.items()) if name != node]
     for other in others:
-        if other.address == my_ip:
-            errors.append(
-                PeerSpec(other.address, cluster.as_number, MESH, other.name, error="node has this node's address")
-            )
-    others = [n for n in others if n.address != my_ip]
+        if address[other.name] == my_ip:
+            errors.append(PeerSpec(my_ip, cluster.as_number, MESH, other.name, error="node has this node's address"))
+    others = [n for n in others if address[n.name] != my_ip]
     if cluster.node_mesh:
         for other in others:
-            out[other.address] = node_peer(other, MESH, rr_client=False)
+            out[address[other.name]] = node_peer(other, MESH, rr_client=False)
     elif me.rr_cluster_id is not None:
         for other in others:
             if other.rr_cluster_id is None:
-                out[other.address] = node_peer(other, RR_CLIENT, rr_client=True)
+                out[address[other.name]] = node_peer(other, RR_CLIENT, rr_client=True)
             else:
                 # Reflectors peer with each other as non-clients: each reflects its clients' routes to them.
-                out[other.address] = node_peer(other, REFLECTOR, rr_client=False)
+                out[address[other.name]] = node_peer(other, REFLECTOR, rr_client=False)
     else:
         for other in others:
             if other.rr_cluster_id is not None:
-                out[other.address] = node_peer(other, REFLECTOR, rr_client=False)
+                out[address[other.name]] = node_peer(other, REFLECTOR, rr_client=False)
 
-    node_ips = {n.address for n in nodes.values()}
+    node_ips = set(address.values())
     for peer in sorted(bgp_peers, key=lambda p: p.name):
         if peer.node is not None and peer.node != node:
             continue

@@ -35,6 +35,8 @@ from bgp.session import ESTABLISHED, PeerState, Session, md5_failures
 from bgp.sync import diff, parse_neighbors, session_fields
 
 log = logging.getLogger(__name__)
+# Per-hop timestamps for latency analysis (bench/routes_convergence.py --trace); off unless the owner enables it.
+trace = logging.getLogger("podnet.trace.bgp")
 
 RELOAD_TIMEOUT = 10.0
 RETRY_DELAY = 0.5
@@ -108,6 +110,8 @@ class Speaker:
         self._restarts = 0
         self._no_bridge_since: float | None = None
         self._last_best: dict[str, LearnedRoute] = {}
+        self._own_version = 0  # bumped by each change of our own prefixes
+        self._own_handed = 0  # the latest version the worker has started sending to ExaBGP
 
     # ---- the owner's API -------------------------------------------------------------------------------------
 
@@ -169,6 +173,8 @@ class Speaker:
         with self._lock:
             new = {p.address: p for p in peers if p.ok}
             invalid = [p for p in peers if not p.ok]
+            if new == self._peers and invalid == self._invalid:
+                return  # the common case: nothing to render, compare or log
             for p in invalid:
                 if p not in self._invalid:
                     log.warning(
@@ -207,15 +213,27 @@ class Speaker:
         if changed:
             self._changed()
 
-    def announce(self, prefixes: Iterable[str]) -> None:
+    def announce(self, prefixes: Iterable[str], handoff: float = 0.0) -> None:
         """The complete set of this node's own prefixes; the speaker announces and withdraws the difference.
-        Raises ValueError (and changes nothing) if one is not an IPv4 network in canonical form."""
+        Raises ValueError (and changes nothing) if one is not an IPv4 network in canonical form.
+
+        ``handoff`` > 0: when the set changed and ExaBGP is connected, wait (at most that many seconds) until the
+        worker has sent the first command for it. A caller with more work to do in the same process (the
+        runner's kernel writes) would otherwise hold the interpreter lock and delay the announcement."""
         own = frozenset(prefixes)
         for prefix in own:
             commands.check_prefix(prefix)
         with self._lock:
+            changed = own != self._own
+            if changed and trace.isEnabledFor(logging.DEBUG):
+                trace.debug("announce-set %s", " ".join(sorted(own ^ self._own)))
             self._own = own
+            if changed:
+                self._own_version += 1
             self._kick()
+            if changed and handoff > 0 and self._conn is not None:
+                version = self._own_version
+                self._wake.wait_for(lambda: self._own_handed >= version or not self._running, timeout=handoff)
 
     def best_routes(self) -> dict[str, LearnedRoute]:
         """One best path per prefix learned from peers (stale ones flagged), without this node's own prefixes."""
@@ -457,6 +475,9 @@ class Speaker:
         if kind == "event":
             log.debug("%s: event %s", self.identity.node, rest)
             event = events.parse(rest)
+            if isinstance(event, events.UpdateEvent) and trace.isEnabledFor(logging.DEBUG):
+                changed = [r.prefix for r in event.announced] + list(event.withdrawn)
+                trace.debug("update-recv %s from=%s", " ".join(changed[:5]), event.peer)
             if event is not None:
                 with self._lock:
                     return self._event(event)
@@ -617,9 +638,24 @@ class Speaker:
         with self._lock:
             desired = outbound(self.identity, self._peers.values(), self._own, self._rib, self._router_ids)
             plan = diff(desired, self._sent, self._unsure)
+            taken = self._own_version
+
+        def handed() -> None:
+            with self._lock:
+                if taken > self._own_handed:
+                    self._own_handed = taken
+                    self._wake.notify_all()
+
+        if not plan:
+            handed()
         failed = False
+        tracing = trace.isEnabledFor(logging.DEBUG)
         for line, updates in plan:
-            ok, _ = conn.call(line)
+            if tracing:
+                trace.debug("cmd-sent %s peers=%d", updates[0][1], len(updates))
+            ok, _ = conn.call(line, on_sent=handed)
+            if tracing:
+                trace.debug("cmd-ack %s ok=%s", updates[0][1], ok)
             failed |= not ok
             with self._lock:
                 for address, prefix, route in updates:

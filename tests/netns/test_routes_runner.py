@@ -53,7 +53,7 @@ class ScriptedSpeaker:
     def set_peers(self, peers: Iterable[PeerSpec]) -> None:
         pass
 
-    def announce(self, prefixes: Iterable[str]) -> None:
+    def announce(self, prefixes: Iterable[str], handoff: float = 0.0) -> None:
         self.announced = frozenset(prefixes)
 
     def best_routes(self) -> dict[str, LearnedRoute]:
@@ -177,3 +177,32 @@ def test_without_its_node_record_the_runner_leaves_the_kernel_alone(
 
     assert eventually(reported, 10)
     assert podnet_routes(node) == ["blackhole 10.244.9.0/26"]
+
+
+def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
+    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+) -> None:
+    """Prefix counts change with every route anywhere; written at each change they would cost an etcd write per
+    peer on every node per event. State changes go out at once."""
+    write_world(etcd, node)
+    store = Store(etcd)
+
+    def peer() -> m.BGPPeerStatus | None:
+        found = [v.value for v in store.list(k.bgp_status_prefix("n1"), m.BGPPeerStatus)]
+        return found[0] if found else None
+
+    started = time.monotonic()
+    r = runner_factory(node, settle=0.5, startup_grace=60, resync=6)
+    assert eventually(lambda: (p := peer()) is not None and p.state == "Active", 5)
+    r.scripted.state = "Established"
+    r.scripted.notify()
+    assert eventually(lambda: (p := peer()) is not None and p.state == "Established", 2)
+
+    r.scripted.routes = {REMOTE: LearnedRoute(REMOTE, PEER, PEER)}
+    r.scripted.notify()
+    assert eventually(lambda: f"{REMOTE} via {PEER} dev eth0" in podnet_routes(node), 3)
+    current = peer()
+    assert current is not None
+    if time.monotonic() - started < 5:  # the first resync (6 s after start) has not come yet
+        assert current.prefixes_received == 0, "a count-only change was written at once"
+    assert eventually(lambda: (p := peer()) is not None and p.prefixes_received == 1, 10)

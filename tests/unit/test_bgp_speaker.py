@@ -3,6 +3,9 @@ the peer status; a configured peer with an error is listed as Invalid."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,46 @@ def test_bridge_timeout_defaults_to_15_s_and_must_be_positive() -> None:
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="bridge_timeout"):
             SpeakerConfig(IDENT, bridge_timeout=bad)
+
+
+class _FakeLink:
+    """Stands in for the bridge connection: records each command, runs ``on_sent``, acks it."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def call(self, line: str, on_sent: Callable[[], None] | None = None) -> tuple[bool, list[str]]:
+        self.lines.append(line)
+        if on_sent is not None:
+            on_sent()
+        return True, []
+
+
+def test_announce_hands_a_change_to_the_worker_before_returning(tmp_path: Path) -> None:
+    sp = Speaker(SpeakerConfig(IDENT), tmp_path)  # not started: the test plays the worker
+    sp.set_peers(PEERS[:1])
+    sp._reload_pending = False
+    link = _FakeLink()
+    # No bridge connected: nothing to wait for.
+    t = time.monotonic()
+    sp.announce(["10.244.1.0/26"], handoff=5)
+    assert time.monotonic() - t < 1
+    sp._running = True
+    sp._conn = link  # type: ignore[assignment]
+    sp._step(link)  # type: ignore[arg-type]
+    assert link.lines == ["neighbor 127.0.0.2 announce route 10.244.1.0/26 next-hop 127.0.0.1"]
+    # A change waits until the worker has sent its first command...
+    done = threading.Event()
+    caller = threading.Thread(target=lambda: (sp.announce(["10.244.2.0/26"], handoff=5), done.set()))
+    caller.start()
+    assert not done.wait(0.3), "announce returned before the worker took the change"
+    sp._step(link)  # type: ignore[arg-type]
+    assert done.wait(2)
+    caller.join()
+    assert "neighbor 127.0.0.2 announce route 10.244.2.0/26 next-hop 127.0.0.1" in link.lines
+    assert "neighbor 127.0.0.2 withdraw route 10.244.1.0/26" in link.lines
+    # ...an unchanged set does not wait, and a worker that never comes costs at most the handoff time.
+    t = time.monotonic()
+    sp.announce(["10.244.2.0/26"], handoff=5)
+    sp.announce(["10.244.3.0/26"], handoff=0.2)
+    assert 0.15 < time.monotonic() - t < 2
