@@ -223,7 +223,7 @@ def _result(conf: NetConf, cenv: CniEnv, host_if: str, att: link.Attachment) -> 
 
 def _teardown(
     store: Store,
-    ipam: Ipam,
+    release: Callable[[str], object],
     container_id: str,
     *,
     ep_key: k.EndpointKey,
@@ -246,17 +246,18 @@ def _teardown(
             with contextlib.suppress(CasConflict):  # replaced meanwhile by a newer sandbox: not ours any more
                 store.delete(ep_key, got.mod_revision)
             phases.mark("endpoint")
-    ipam.release_handle(pod_handle(container_id))
+    release(pod_handle(container_id))
     phases.mark("ipam")
 
 
 def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> None:
-    client, ipam = clients.get(conf.etcd_endpoints)
+    client, _ = clients.get(conf.etcd_endpoints)
+    group = clients.allocator(conf.etcd_endpoints)
     ep_key, host_if = _keys(cenv, conf)
     try:
         _teardown(
             Store(client),
-            ipam,
+            lambda handle: group.release(handle, conf.node_name),
             cenv.container_id,
             ep_key=ep_key,
             host_if=host_if,
@@ -321,7 +322,9 @@ def cmd_gc(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> No
             ep = endpoints.get(cid)
             if ep is not None:
                 key = k.EndpointKey(ep.value.node, ep.value.namespace, ep.value.pod, ep.value.iface)
-                _teardown(store, ipam, cid, ep_key=key, host_if=ep.value.host_iface, host_netns=conf.host_netns)
+                _teardown(
+                    store, ipam.release_handle, cid, ep_key=key, host_if=ep.value.host_iface, host_netns=conf.host_netns
+                )
             else:
                 ipam.release_handle(h.handle, expect_revision=hv.mod_revision)
     except (IpamError, DatastoreError) as exc:

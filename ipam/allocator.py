@@ -258,6 +258,41 @@ class Ipam:
             self._backoff(attempt)
         raise TooManyConflicts(f"releasing {handle} lost {self.max_retries} compare-and-swap rounds")
 
+    def release_handles(self, handles: Sequence[str]) -> dict[str, list[str]] | None:
+        """Release several handles in ONE transaction that compares every handle record's and every touched
+        block's revision (the group-commit counterpart of ``release_handle``, for concurrent DELs on a node).
+        Returns {handle: released addresses} (an unknown handle released nothing), or None when the transaction
+        lost a compare: the caller then releases them one by one with ``release_handle``."""
+        records = {h: got for h in dict.fromkeys(handles) if (got := self.store.get(k.HandleKey(h), m.Handle))}
+        out: dict[str, list[str]] = {h: [] for h in handles}
+        if not records:
+            return out
+        compares: list[Compare] = [ModRevisionIs(got.path, got.mod_revision) for got in records.values()]
+        ops: list[Op] = [Delete(got.path) for got in records.values()]
+        changed: dict[str, m.Block | None] = {}
+        ips = [ip for got in records.values() for ip in got.value.ips]
+        for cidr, bv in self._blocks_holding(ips).items():
+            kept = {o: a for o, a in bv.value.allocations.items() if a.handle not in records}
+            new = replace(bv.value, allocations=kept)
+            compares.append(ModRevisionIs(bv.path, bv.mod_revision))
+            if not kept and new.affinity is None:
+                ops.append(Delete(bv.path))
+                changed[cidr] = None
+            else:
+                ops.append(Put(bv.path, codec.encode(new)))
+                changed[cidr] = new
+        result = self.client.txn(compares, ops)
+        if not result.succeeded:
+            return None
+        # The new state is known: keep the node's blocks cached (the next ADD's batch needs no re-read).
+        self._forget({cidr: None for cidr, block in changed.items() if block is None or block.affine_node is None})
+        with self._lock:
+            for block in changed.values():
+                if block is not None and block.affine_node is not None:
+                    self._cache.setdefault(block.affine_node, {})[block.cidr] = _Cached(block, result.revision)
+        out.update({h: list(got.value.ips) for h, got in records.items()})
+        return out
+
     def release_ip(self, ip: str) -> str | None:
         """Release one address, whoever holds it. Returns the handle it was released from (None if it was free)."""
         for attempt in range(self.max_retries):

@@ -97,3 +97,77 @@ def test_concurrent_callers_get_distinct_addresses(etcd: EtcdClient) -> None:
     assert handles(etcd) == {h: (ip,) for h, ip in results.items()}
     assert group.auto_assign("h7", "n1", pod="ns/p7") == results["h7"]  # idempotent
     assert check(etcd).problems == ()  # no address twice, every allocation has its handle and vice versa
+
+
+def test_releases_are_one_transaction(etcd: EtcdClient) -> None:
+    add_pool(Store(etcd), m.IPPool("10.244.0.0/16"))
+    ipam = Ipam(etcd)
+    ips = {h: ipam.auto_assign(h, "n1", pod=f"ns/{h}") for h in ("a", "b", "c", "d")}
+    before = etcd.revision()
+    got = ipam.release_handles(["a", "c", "a", "unknown"])
+    assert etcd.revision() == before + 1
+    assert got == {"a": [ips["a"]], "c": [ips["c"]], "unknown": []}
+    assert handles(etcd) == {"b": (ips["b"],), "d": (ips["d"],)}
+    block = Store(etcd).get(k.BlockKey("10.244.0.0/26"), m.Block)
+    assert block is not None and sorted(a.handle for a in block.value.allocations.values()) == ["b", "d"]
+    # The node's cache follows: the next allocation needs no re-read and takes a freed address.
+    assert ipam.auto_assign_batch([("e", None)], "n1") == {"e": ips["a"]}
+    assert check(etcd).problems == ()
+
+
+def test_a_release_that_lost_a_compare_writes_nothing(etcd: EtcdClient) -> None:
+    add_pool(Store(etcd), m.IPPool("10.244.0.0/16"))
+    ipam = Ipam(etcd)
+    ipam.auto_assign("a", "n1")
+    ipam.auto_assign("b", "n1")
+    real_txn = etcd.txn
+
+    def rival_writes_first(*args: object, **kwargs: object) -> object:
+        etcd.txn = real_txn  # type: ignore[method-assign]
+        Ipam(etcd).auto_assign("rival", "n1")  # the block changes between the reads and the transaction
+        return real_txn(*args, **kwargs)  # type: ignore[arg-type]
+
+    etcd.txn = rival_writes_first  # type: ignore[method-assign]
+    before_handles = handles(etcd)
+    assert ipam.release_handles(["a", "b"]) is None
+    assert {h: v for h, v in handles(etcd).items() if h != "rival"} == before_handles
+    assert check(etcd).problems == ()
+
+
+def test_concurrent_releases_and_allocations(etcd: EtcdClient) -> None:
+    """DELs and ADDs of one node at once through the group allocator: every release takes exactly its handle's
+    address, every allocation gets a free one, nothing is left half-done."""
+    add_pool(Store(etcd), m.IPPool("10.244.0.0/16", block_size=28))
+    group = GroupAllocator(Ipam(etcd))
+    old = {f"old{i}": group.auto_assign(f"old{i}", "n1") for i in range(30)}
+    start = threading.Barrier(60)
+    released: dict[str, list[str]] = {}
+    new: dict[str, str] = {}
+    errors: list[Exception] = []
+
+    def delete(h: str) -> None:
+        start.wait()
+        try:
+            released[h] = group.release(h, "n1")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    def add(h: str) -> None:
+        start.wait()
+        try:
+            new[h] = group.auto_assign(h, "n1")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=delete, args=(h,)) for h in old]
+    threads += [threading.Thread(target=add, args=(f"new{i}",)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert released == {h: [ip] for h, ip in old.items()}
+    assert len(set(new.values())) == 30
+    assert handles(etcd) == {h: (ip,) for h, ip in new.items()}
+    assert group.release("old3", "n1") == []  # idempotent
+    assert check(etcd).problems == ()
