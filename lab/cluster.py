@@ -1,0 +1,237 @@
+"""A podnet cluster on this machine: a real etcd, one network namespace per node on a shared underlay bridge, and
+per node the same processes a node runs — the node runner (datastore watch, ExaBGP speaker, routes and devices),
+the policy writer (compiler → iptables + ipset) and the CNI server. Pods are empty namespaces wired by the real
+CNI plugin (ADD through `podnet-cni`), then recorded in the datastore as the controller would.
+
+Everything runs in the root namespace and points into the node namespaces (``--netns``, the CNI's ``hostNetns``);
+nothing touches the machine's own routes, links, iptables or ipsets. ``close`` stops every process it started (by
+PID) and deletes every namespace, also after a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from datastore import model as m
+from datastore.etcd import EtcdClient
+from datastore.store import Store
+from ipam.allocator import Ipam
+from ipam.pools import add_pool
+from lab.scenario import PodSpec, Scenario
+from testbed.etcd_server import EtcdServer
+from testbed.netns import Netns, NetnsBed, Node
+
+POOL = "10.244.0.0/16"
+SWEEP = str(Path(__file__).resolve().parent / "sweep.py")
+BIN = Path(sys.executable).parent
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class LabPod:
+    spec: PodSpec
+    ns: Netns
+    ip: str
+    listener: subprocess.Popen[str] | None = None
+
+
+@dataclass
+class LabNode:
+    node: Node
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+
+class Cluster:
+    def __init__(self, scenario: Scenario, workdir: Path | None = None, log: IO[str] = sys.stderr) -> None:
+        self.scenario = scenario
+        self.log = log
+        self._tmp = None if workdir else tempfile.mkdtemp(prefix="podnet-lab-")
+        self.workdir = workdir or Path(self._tmp or "")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.etcd_server = EtcdServer()
+        self.bed = NetnsBed()
+        self.nodes: dict[str, LabNode] = {}
+        self.pods: dict[str, LabPod] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._etcd: EtcdClient | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def endpoint(self) -> str:
+        return self.etcd_server.endpoint
+
+    @property
+    def etcd(self) -> EtcdClient:
+        assert self._etcd is not None, "start() first"
+        return self._etcd
+
+    def say(self, text: str) -> None:
+        print(text, file=self.log, flush=True)
+
+    def start(self) -> None:
+        sc = self.scenario
+        self.etcd_server.start()
+        self._etcd = EtcdClient([self.endpoint])
+        store = Store(self.etcd)
+        store.put(m.ClusterConfig(encapsulation=sc.encapsulation))
+        add_pool(store, m.IPPool(POOL, encapsulation=sc.encapsulation))
+        underlay = self.bed.underlay()
+        for i, name in enumerate(sc.nodes):
+            node = self.bed.node(name, underlay, 11 + i)
+            node.ns.sysctl("net.ipv4.ip_forward", "1")
+            store.put(m.Node(name, node.ip))
+            self.nodes[name] = LabNode(node)
+        if sc.encapsulation == "vxlan":
+            ipam = Ipam(self.etcd)
+            for name in sc.nodes:
+                ipam.ensure_tunnel_address(name, "vxlan")
+        for ns, labels in sc.namespaces.items():
+            store.put(m.Namespace(ns, {**labels, "kubernetes.io/metadata.name": ns}))
+        for name, ln in self.nodes.items():
+            self._start_node(name, ln)
+        self.say(
+            f"lab: etcd at {self.endpoint}; {len(self.nodes)} nodes up ({sc.encapsulation}); workdir {self.workdir}"
+        )
+
+    def _spawn(self, ln: LabNode, role: str, argv: list[str]) -> None:
+        logf = open(self.workdir / f"{ln.node.name}-{role}.log", "ab")  # noqa: SIM115 - the child writes it
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        logf.close()
+        ln.procs[role] = proc
+        self._procs.append(proc)
+
+    def _start_node(self, name: str, ln: LabNode) -> None:
+        ns = ln.node.ns.name
+        py = sys.executable
+        self._spawn(ln, "runner", [py, "-m", "agent.node_runner", "--node", name, "--netns", ns, "--etcd-endpoints",
+                                   self.endpoint, "--workdir", str(self.workdir / name)])  # fmt: skip
+        self._spawn(ln, "policy", [py, "-m", "agent.dataplane.run", "--etcd", self.endpoint, "--node", name,
+                                   "--netns", ns, "--resync", "10"])  # fmt: skip
+        self._spawn(ln, "cni", [str(BIN / "podnet-cni"), "serve", "--socket", self.cni_socket(name)])
+
+    def cni_socket(self, node: str) -> str:
+        return str(self.workdir / f"{node}-cni.sock")
+
+    def close(self) -> None:
+        for pod in self.pods.values():
+            if pod.listener is not None:
+                self.bed.stop_process(pod.listener)
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._procs.clear()
+        try:
+            self.bed.close()  # also kills what is left inside the namespaces (ExaBGP, its bridge)
+        finally:
+            if self._etcd is not None:
+                self._etcd.close()
+            self.etcd_server.stop()
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # --- pods ---------------------------------------------------------------------------------------------------
+
+    def _cni(self, command: str, pod: PodSpec, netns: Netns | None) -> dict[str, object]:
+        node_ns = f"/var/run/netns/{self.nodes[pod.node].node.ns.name}"
+        conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "podnet", "etcdEndpoints": [self.endpoint],
+                "nodeName": pod.node, "mtu": 1400, "hostNetns": node_ns}  # fmt: skip
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
+               "CNI_IFNAME": "eth0", "CNI_PATH": str(BIN), "CNI_CONTAINERID": f"lab-{pod.namespace}-{pod.name}",
+               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}",
+               "PODNET_CNI_SOCKET": self.cni_socket(pod.node)}  # fmt: skip
+        if netns is not None:
+            env["CNI_NETNS"] = f"/var/run/netns/{netns.name}"
+        proc = subprocess.run([str(BIN / "podnet-cni")], input=json.dumps(conf).encode(), env=env,
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+        out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        if proc.returncode != 0:
+            raise LabError(f"CNI {command} of {pod.key} failed: {out or proc.stderr.decode().strip()}")
+        return out if isinstance(out, dict) else {}
+
+    def add_pods(self) -> None:
+        """Wire every pod with a CNI ADD (after the node's CNI server listens), record it, start its listeners."""
+        ports = self.scenario.ports()
+        store = Store(self.etcd)
+        for spec in self.scenario.pods:
+            sock = self.cni_socket(spec.node)
+            if not _wait(lambda sock=sock: os.path.exists(sock), 30):
+                raise LabError(f"the CNI server of {spec.node} never listened on {sock}")
+            netns = self.bed.netns(f"{spec.namespace}-{spec.name}"[:40])
+            result = self._cni("ADD", spec, netns)
+            ips = result.get("ips")
+            if not isinstance(ips, list) or not ips:
+                raise LabError(f"CNI ADD of {spec.key} returned no address: {result}")
+            ip = str(ips[0]["address"]).split("/")[0]
+            store.put(m.Pod(spec.namespace, spec.name, dict(spec.labels), (ip,), spec.node))
+            pod = LabPod(spec, netns, ip)
+            pod.listener = netns.popen(sys.executable, SWEEP, "serve", *(f"{p}/{proto}" for p, proto in ports))
+            assert pod.listener.stdout is not None
+            if pod.listener.stdout.readline().strip() != "ready":
+                raise LabError(f"the listener in {spec.key} did not start")
+            self.pods[spec.key] = pod
+            self.say(f"lab: pod {spec.key} on {spec.node} at {ip}")
+
+    # --- probing ------------------------------------------------------------------------------------------------
+
+    def probe(self, port: int, proto: str, timeout: float = 0.5) -> dict[tuple[str, str], bool]:
+        """Which pod reaches which on port/proto, with real connections (every source probes all at once)."""
+        procs = {}
+        keys = sorted(self.pods)
+        for src in keys:
+            targets = [self.pods[d].ip for d in keys if d != src]
+            procs[src] = self.pods[src].ns.popen(
+                sys.executable, SWEEP, "probe", proto.lower(), str(port), str(timeout), *targets
+            )
+        seen: dict[tuple[str, str], bool] = {}
+        for src, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout * 4 + 30)
+            self.bed.stop_process(proc)
+            self.bed.processes.remove(proc)
+            bits = out.strip()
+            dsts = [d for d in keys if d != src]
+            if proc.returncode != 0 or len(bits) != len(dsts):
+                raise LabError(f"probe from {src} failed: {err.strip() or bits!r}")
+            for d, bit in zip(dsts, bits, strict=True):
+                seen[(src, d)] = bit == "1"
+        return seen
+
+
+def _wait(pred: object, timeout: float) -> bool:
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
