@@ -46,6 +46,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "policy.md"
 NS = "bench"
 CLIENT_IP, SERVER_IP, STRANGER_IP = "10.244.0.2", "10.244.0.3", "10.244.0.4"
 SYNTHETIC_LOCAL = 50
+# wrk and nginx pinned to different CPUs (each side's packet processing runs where it sends): the scheduler moving
+# them around was a large part of the run-to-run spread. Same for every variant.
+PIN = (os.cpu_count() or 1) >= 2
+CLIENT_CPU = ("taskset", "-c", "0") if PIN else ()
+SERVER_CPU = ("taskset", "-c", "1") if PIN else ()
 
 NGINX_CONF = """worker_processes 1;
 daemon off;
@@ -129,13 +134,13 @@ def make_setup(bed: NetnsBed, ul: object, name: str, host: int, tmp: Path) -> Se
     d = tmp / name
     d.mkdir()
     (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, ip=SERVER_IP))
-    server.ns.popen("nginx", "-c", str(d / "nginx.conf"), "-p", str(d))
+    server.ns.popen(*SERVER_CPU, "nginx", "-c", str(d / "nginx.conf"), "-p", str(d))
     return Setup(name, node, client, server, stranger)
 
 
 def wrk(setup: Setup, seconds: float) -> float:
     out = setup.client.ns.run(
-        "wrk", "-t1", "-c16", f"-d{round(seconds)}s", f"http://{SERVER_IP}/", timeout=seconds + 30
+        *CLIENT_CPU, "wrk", "-t1", "-c16", f"-d{round(seconds)}s", f"http://{SERVER_IP}/", timeout=seconds + 30
     ).stdout
     m_ = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if m_ is None or "Non-2xx" in out or "Socket errors" in out:
@@ -164,7 +169,7 @@ def spread(values: list[float]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="2000,8000,50000")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
     ap.add_argument("--no-write", action="store_true", help="print only, do not append to the results file")
@@ -253,7 +258,9 @@ def main() -> int:
     ct_vs_none = [blk["conntrack"] / blk["none"] for blk in all_blocks]
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     lines = [
-        f"### QPS with policy, {stamp} UTC (iptables-{backend.name}, nginx + wrk -t1 -c16, {args.duration:g} s runs, "
+        f"### QPS with policy, {stamp} UTC (iptables-{backend.name}, nginx + wrk -t1 -c16"
+        f"{' pinned to CPUs 1 / 0' if PIN else ''}, "
+        f"{args.duration:g} s runs, "
         f"{args.rounds} interleaved rounds; median (min-max) of ratios paired within a round)",
         "",
         f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
