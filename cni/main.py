@@ -11,7 +11,8 @@ standalone script: copied to the CNI bin directory with the shebang ``#!/usr/bin
 Wire format (bytes; env values cannot contain NUL): request ``PODNETCNI1\\n`` + ``KEY=VALUE\\0``… + ``\\0`` + stdin;
 answer ``<exit code> <stdout length>\\n`` + stdout + stderr.
 
-``podnet-cni serve [--socket PATH]`` runs the server.
+``cni/client/podnet-cni.c`` is the same client compiled (~1 ms of CPU per call instead of ~10): what a node
+installs. ``podnet-cni serve [--socket PATH]`` runs the server.
 """
 
 from __future__ import annotations
