@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import functools
+import logging
 import os
 import shutil
 import statistics
@@ -27,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,6 +84,68 @@ class Result:
     rss_mib: float
     cpu_s: float  # per node, over the whole run (sessions up + rounds)
     idle_pct: float  # per node, CPU while nothing changes (keepalives only)
+    hops: list[str] = field(default_factory=list)  # --trace: where the time went
+
+
+class TraceLog(logging.Handler):
+    """Keeps the speakers' per-hop trace records (``podnet.trace``) in memory: (time, thread, message)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[float, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.created, record.threadName or "", record.getMessage()))
+
+
+TRACE = TraceLog()
+
+
+def _node_of(thread: str) -> str:
+    parts = thread.split("-")  # the speaker's threads are named bgp-<node>-<job>
+    return parts[1] if len(parts) == 3 and parts[0] == "bgp" else ""
+
+
+def _times(
+    window: list[tuple[float, str, list[str]]], t0: float, prefix: str, event: str, who: Callable[[str], bool]
+) -> list[float]:
+    """Each matching node's first ``event`` for ``prefix`` (the announcement; later ones are the withdrawal), in
+    milliseconds after t0, earliest node first."""
+    first: dict[str, float] = {}
+    for t, node, words in window:
+        if words[:2] == [event, prefix] and who(node):
+            first.setdefault(node, (t - t0) * 1000)
+    return sorted(first.values())
+
+
+def hop_table(starts: list[tuple[float, str, str]], reflectors: list[str]) -> list[str]:
+    """Median milliseconds from ``announce()`` to each hop, over the rounds."""
+    hops: dict[str, list[float]] = {}
+    records = sorted(TRACE.records)
+    for t0, origin, prefix in starts:
+        window = [(t, _node_of(th), msg.split()) for t, th, msg in records if t0 <= t <= t0 + 30]
+        at = functools.partial(_times, window, t0, prefix)
+        rows = {
+            "origin: command sent to the bridge": at("cmd-sent", lambda n, o=origin: n == o)[:1],
+            "origin: command acked by ExaBGP": at("cmd-ack", lambda n, o=origin: n == o)[:1],
+            "reflectors: UPDATE received (bridge event), first": at("update-recv", lambda n: n in reflectors)[:1],
+            "reflectors: reflect command sent, first": at("cmd-sent", lambda n: n in reflectors)[:1],
+            "reflectors: reflect command acked, last": at("cmd-ack", lambda n: n in reflectors)[-1:],
+            "clients: UPDATE received (bridge event), first": at(
+                "update-recv", lambda n, o=origin: n not in reflectors and n != o
+            )[:1],
+            "clients: UPDATE received (bridge event), last": at(
+                "update-recv", lambda n, o=origin: n not in reflectors and n != o
+            )[-1:],
+        }
+        for label, values in rows.items():
+            hops.setdefault(label, []).extend(values)
+    TRACE.records.clear()
+    out = ["| hop | median ms after announce() | min | max |", "|---|---|---|---|"]
+    for label, values in hops.items():
+        if values:
+            out.append(f"| {label} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
+    return out
 
 
 IDLE_WINDOW = 5.0
@@ -120,6 +184,7 @@ def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Res
             "podnet sessions",
         )
         times: list[float] = []
+        starts: list[tuple[float, str, str]] = []  # wall clock, origin, prefix: for the trace
         lock = threading.Lock()
         clients = [h.name for h in hosts[topo.reflectors :]]
         for r in range(rounds):
@@ -146,6 +211,7 @@ def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Res
             for n in others:
                 speakers[n]._callbacks[:] = [lambda n=n: check(n)]  # one observer per round
             t0 = time.perf_counter()
+            starts.append((time.time(), origin, prefix))
             speakers[origin].announce([prefix])
             if not done.wait(30):
                 raise RuntimeError(f"podnet: {prefix} reached {len(seen)}/{len(others)} nodes")
@@ -157,7 +223,8 @@ def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Res
         cpu = statistics.mean(cpu_s(e) + cpu_s(b) for e, b in pids if e and b)
         flat = [p for pair in pids for p in pair if p]
         idle = idle_cpu_pct(flat) / len(pids)
-        return Result("podnet (ExaBGP)", topo.name, times, rss, cpu, idle)
+        hops = hop_table(starts, [h.name for h in hosts[: topo.reflectors]]) if TRACE.records else []
+        return Result("podnet (ExaBGP)", topo.name, times, rss, cpu, idle, hops)
     finally:
         for sp in speakers.values():
             sp.stop()
@@ -257,7 +324,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--topology", choices=sorted(TOPOLOGIES), action="append")
+    ap.add_argument("--trace", action="store_true", help="per-hop timestamps of the podnet speakers")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to the results file")
     args = ap.parse_args()
+    if args.trace:
+        tracer = logging.getLogger("podnet.trace")
+        tracer.setLevel(logging.DEBUG)
+        tracer.propagate = False
+        tracer.addHandler(TRACE)
     results: list[Result] = []
     os.makedirs(os.path.dirname(LOCK), exist_ok=True)
     with open(LOCK, "w") as lock:
@@ -286,6 +360,11 @@ def main() -> int:
         )
     table = "\n".join(rows)
     print(table)
+    for r in results:
+        if r.hops:
+            print(f"\n{r.topology}:\n" + "\n".join(r.hops))
+    if args.no_append:
+        return 0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as fh:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -295,6 +374,9 @@ def main() -> int:
             f"load average {load:.1f} at the end)\n\n"
         )
         fh.write(table + "\n")
+        for r in results:
+            if r.hops:
+                fh.write(f"\nWhere the time goes, {r.topology}, podnet (`--trace`):\n\n" + "\n".join(r.hops) + "\n")
     return 0
 
 

@@ -429,7 +429,9 @@ class Speaker:
                 old, self._conn = self._conn, conn
             if old is not None:
                 old.close()
-            threading.Thread(target=self._read, args=(conn,), name="bgp-bridge-reader", daemon=True).start()
+            threading.Thread(
+                target=self._read, args=(conn,), name=f"bgp-{self.identity.node}-reader", daemon=True
+            ).start()
 
     def _read(self, conn: BridgeLink) -> None:
         buf = b""
