@@ -2,7 +2,8 @@
 publisher, driven by one loop. The future ``podnet-agent`` daemon hosts the same objects; tests and the lab run
 one runner per node namespace (``--netns``), several on one machine.
 
-One pass (on any datastore or BGP change, and every ``resync`` seconds to repair what someone else broke):
+One pass (on any datastore or BGP change, and about every ``resync`` seconds, jittered by ±10 %, to repair what
+someone else broke):
 
 1. nothing touches the kernel until the cache is in sync with etcd;
 2. the speaker gets the peer set and our prefixes (``bgp.plan``), and is (re)created when our identity changes;
@@ -22,6 +23,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import logging
+import random
 import signal
 import sys
 import threading
@@ -100,7 +102,6 @@ class NodeRunner:
         self._identity: SpeakerIdentity | None = None
         self._peer_inputs: tuple[object, ...] = ()  # what the speaker's peer set was last planned from
         self._peers_published: dict[str, m.BGPPeerStatus] = {}
-        self._counts_published_at = -float("inf")
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._all_up_since: float | None = None
@@ -108,11 +109,10 @@ class NodeRunner:
         self._learned_in_sync = False
         self._learned_seen: set[str] = set()  # prefixes BGP delivered during this run
         self._last_learned: dict[str, LearnedRoute] = {}
-        self._last_verify = 0.0
+        self._next_verify = 0.0  # when the next verifying pass is due
         self._verify_due = True
         self._withdrawn_done: set[str] = set()
         self._agent_published: m.AgentStatus | None = None
-        self._agent_published_at = 0.0
         self._in_sync_since = ""
         self._was_in_sync = False
         # What the last pass did, for tests and the future daemon's health endpoint.
@@ -161,20 +161,21 @@ class NodeRunner:
         self._wake.set()
 
     def _loop(self) -> None:
-        next_resync = time.monotonic() + self.config.resync
         while not self._stop.is_set():
-            deadline = next_resync if self._recheck_at is None else min(next_resync, self._recheck_at)
+            deadline = self._next_verify if self._recheck_at is None else min(self._next_verify, self._recheck_at)
             timeout = max(0.0, min(deadline - time.monotonic(), self.config.bgp_poll))
             woken = self._wake.wait(timeout=timeout)
             if self._stop.is_set():
                 return
             # Belt and braces: a lost change notification from the speaker costs at most ``bgp_poll`` seconds.
-            if not (woken or time.monotonic() >= deadline or self._learned_changed()):
+            event = woken or self._learned_changed()
+            if not (event or time.monotonic() >= deadline):
                 continue
             self._settle()
-            next_resync = time.monotonic() + self.config.resync
             try:
-                self.sync_once()
+                # A change is applied first; a verification that fell due meanwhile gets the next pass (at once),
+                # unless changes keep coming for a whole resync period.
+                self.sync_once(timed=not event or time.monotonic() >= deadline + self.config.resync)
                 if trace.isEnabledFor(logging.DEBUG):
                     trace.debug("pass-end")
             except Exception:
@@ -199,10 +200,17 @@ class NodeRunner:
 
     # -- one pass -----------------------------------------------------------------------------------------------
 
-    def sync_once(self) -> None:
+    def sync_once(self, timed: bool = True) -> None:
+        """One pass. ``timed``: this pass may be the periodic verifying one if that is due (a pass applying a
+        change is not made to wait for a full re-read of the kernel; the loop runs the verification right after)."""
         tracing = trace.isEnabledFor(logging.DEBUG)
         if tracing:
             trace.debug("pass-start")
+        due = timed and time.monotonic() >= self._next_verify
+        if due:
+            # Jittered, so that nodes whose passes run in step (every node wakes on the same datastore change) do
+            # not all re-read their kernels and refresh their status in the same instant.
+            self._next_verify = time.monotonic() + self.config.resync * random.uniform(0.9, 1.1)
         snap = self.cache.snapshot()
         self.passes += 1
         if snap.in_sync != self._was_in_sync:
@@ -232,12 +240,12 @@ class NodeRunner:
         learned_in_sync = self._bgp_in_sync()
         plan = plan_routes(snap, self.node, learned)
         problems.extend(plan.problems)
-        # Passes driven by changes trust the writers' model of the kernel; every ``resync`` seconds (and after a
-        # device was remade, or something failed) they re-read it and repair what someone else changed.
-        verify = self._verify_due or time.monotonic() - self._last_verify >= self.config.resync
+        # Passes driven by changes trust the writers' model of the kernel; about every ``resync`` seconds (and
+        # after a device was remade, or something failed) a pass re-reads it and repairs what someone else changed.
+        verify = self._verify_due or due
         if not verify and plan == self.last_plan and not withdrawn - self._withdrawn_done:
             # Nothing for the kernel (a pass for a change that does not touch routes: a pod's labels, a policy).
-            self._publish(self.last_result, problems, snap.revision)
+            self._publish(self.last_result, problems, snap.revision, refresh=False)
             return
         self._withdrawn_done = set(withdrawn)
         if tracing:
@@ -250,8 +258,6 @@ class NodeRunner:
         result = self.routes.apply(
             plan.routes, in_sync=True, learned_in_sync=learned_in_sync, withdrawn=withdrawn, verify=verify
         )
-        if verify:
-            self._last_verify = time.monotonic()
         self._verify_due = bool(result.failed or links.problems)
         problems.extend(f"{cidr}: {why}" for cidr, why in sorted(result.failed.items()))
         if tracing:
@@ -267,9 +273,11 @@ class NodeRunner:
                 learned_in_sync,
             )
         self.last_plan, self.last_result = plan, result
-        self._publish(result, problems, snap.revision)
+        self._publish(result, problems, snap.revision, refresh=verify)
 
-    def _publish(self, result: RouteResult | None, problems: list[str], revision: int) -> None:
+    def _publish(self, result: RouteResult | None, problems: list[str], revision: int, refresh: bool) -> None:
+        """Write what changed; ``refresh`` (the verifying passes) also writes what is only counted (peers' prefix
+        counts, our revision)."""
         statuses = {}
         for cidr, done in (result.programmed if result is not None else {}).items():
             st = done.route.status(self.node)
@@ -277,7 +285,7 @@ class NodeRunner:
                 st.node, st.cidr, st.type, st.via, done.dev, st.encapsulation, st.learned_from
             )
         self.status.publish_routes(statuses)
-        peers = self._peer_statuses()
+        peers = self._peer_statuses(refresh)
         if self.status.publish_peers(peers):
             self._peers_published = peers
         ident = self._identity
@@ -290,24 +298,21 @@ class NodeRunner:
             since=self._in_sync_since,
             problems=tuple(problems),
         )
-        # The revision moves with every datastore change: alone, it is refreshed once per resync, not each pass
-        # (one etcd write per node per change would be the cluster's busiest traffic).
+        # The revision moves with every datastore change: alone, it is refreshed by the verifying passes, not each
+        # pass (one etcd write per node per change would be the cluster's busiest traffic).
         last = self._agent_published
-        fresh = time.monotonic() - self._agent_published_at < self.config.resync
-        if last is not None and fresh and dataclasses.replace(last, revision=revision) == agent:
+        if last is not None and not refresh and dataclasses.replace(last, revision=revision) == agent:
             return
         if self.status.publish_agent(agent):
-            self._agent_published, self._agent_published_at = agent, time.monotonic()
+            self._agent_published = agent
 
-    def _peer_statuses(self) -> dict[str, m.BGPPeerStatus]:
+    def _peer_statuses(self, refresh: bool) -> dict[str, m.BGPPeerStatus]:
         """The peers' status to publish. Prefix counts move with every route change anywhere (each would cost one
         etcd write per peer on every node, a reflector's fan-out on every event): a peer whose only change is its
-        counts keeps its last published record, and counts are refreshed once per ``resync``. State changes are
-        published at once."""
+        counts keeps its last published record, and counts are written by the verifying passes (``refresh``,
+        about every ``resync`` seconds). State changes are published at once."""
         current = {p.address: p.to_status(self.node) for p in (self.speaker.peer_status() if self.speaker else [])}
-        now = time.monotonic()
-        if now - self._counts_published_at >= self.config.resync:
-            self._counts_published_at = now
+        if refresh:
             return current
         last = self._peers_published
         out = {}

@@ -254,32 +254,46 @@ def bird_conf(me: m.Node, models: dict[str, m.Node], topo: Topology) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Result:
+def run_bird(
+    bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp: Path, *, podnet_reflectors: bool = False
+) -> Result:
+    """BIRD on every node; with ``podnet_reflectors`` the reflectors are podnet speakers instead, so that their
+    fan-out is measured with clients that cost next to nothing (BIRD) instead of 28 more ExaBGPs."""
     models = models_for(hosts, topo.reflectors)
+    birds = hosts[topo.reflectors :] if podnet_reflectors else hosts
     procs: dict[str, subprocess.Popen[str]] = {}
-    ctl = {h.name: tmp / f"{h.name}.ctl" for h in hosts}
+    ctl = {h.name: tmp / f"{h.name}.ctl" for h in birds}
+    speakers: dict[str, Speaker] = {}
     try:
-        for h in hosts:
+        if podnet_reflectors:
+            cfg = m.ClusterConfig(node_mesh=False)
+            for h in hosts[: topo.reflectors]:
+                sp = Speaker(SpeakerConfig(identity(models[h.name], cfg)), tmp / h.name, netns=h.ns.name)
+                sp.start()
+                sp.set_peers(plan_peers(h.name, models, cfg, (), DEFAULTS))
+                speakers[h.name] = sp
+        for h in birds:
             conf = tmp / f"{h.name}.conf"
             conf.write_text(bird_conf(models[h.name], models, topo))
             procs[h.name] = h.ns.popen("bird", "-f", "-c", str(conf), "-s", str(ctl[h.name]))
 
         def all_up() -> bool:
-            for h in hosts:
+            for h in birds:
                 out = h.ns.run("birdc", "-s", str(ctl[h.name]), "show", "protocols", check=False).stdout
                 rows = [line for line in out.splitlines() if line.startswith("p")]
                 if not rows or any("Established" not in line for line in rows):
                     return False
-            return True
+            return all(p.state == "Established" for sp in speakers.values() for p in sp.peer_status())
 
         wait_for(all_up, 120, "BIRD sessions")
         times: list[float] = []
+        starts: list[tuple[float, str, str]] = []
         lock = threading.Lock()
         clients = hosts[topo.reflectors :]
         for r in range(rounds):
             origin = clients[r % len(clients)]
             prefix = f"10.250.{r}.0/26"
-            others = [h for h in hosts if h is not origin]
+            others = [h for h in birds if h is not origin]  # (podnet reflectors write no kernel route)
             monitors = [
                 subprocess.Popen(["ip", "-n", h.ns.name, "monitor", "route"], stdout=subprocess.PIPE, text=True)
                 for h in others
@@ -299,6 +313,7 @@ def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp:
                 t.start()
             time.sleep(0.2)  # monitors subscribed
             t0 = time.perf_counter()
+            starts.append((time.time(), origin.name, prefix))
             origin.ns.ip("route", "add", "blackhole", prefix)
             for t in threads:
                 t.join(30)
@@ -310,6 +325,14 @@ def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp:
             times.append((max(seen) - t0) * 1000)
             origin.ns.ip("route", "del", "blackhole", prefix)
             time.sleep(0.3)
+        if podnet_reflectors:
+            pairs = [(sp.exabgp_pid, sp.bridge_pid) for sp in speakers.values()]
+            flat = [p for pair in pairs for p in pair if p]
+            rss = statistics.mean(rss_kib(e) + rss_kib(b) for e, b in pairs if e and b) / 1024
+            cpu = statistics.mean(cpu_s(e) + cpu_s(b) for e, b in pairs if e and b)
+            hops = hop_table(starts, [h.name for h in hosts[: topo.reflectors]]) if TRACE.records else []
+            impl = "podnet reflectors (ExaBGP), BIRD clients; usage: per reflector"
+            return Result(impl, topo.name, times, rss, cpu, idle_cpu_pct(flat) / len(pairs), hops)
         pids = [p.pid for p in procs.values()]
         rss = statistics.mean(rss_kib(p) for p in pids) / 1024
         cpu = statistics.mean(cpu_s(p) for p in pids)
@@ -318,6 +341,8 @@ def run_bird(bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp:
         for p in procs.values():
             bed.stop_process(p)
             bed.processes.remove(p)
+        for sp in speakers.values():
+            sp.stop()
 
 
 def main() -> int:
@@ -325,6 +350,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--topology", choices=sorted(TOPOLOGIES), action="append")
     ap.add_argument("--trace", action="store_true", help="per-hop timestamps of the podnet speakers")
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="with reflectors: also podnet reflectors with BIRD clients (the reflectors' fan-out without 28 ExaBGPs)",
+    )
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to the results file")
     args = ap.parse_args()
     if args.trace:
@@ -346,6 +376,9 @@ def main() -> int:
                     results.append(run_podnet(hosts, topo, args.rounds, tmp / "podnet"))
                     (tmp / "bird").mkdir()
                     results.append(run_bird(bed, hosts, topo, args.rounds, tmp / "bird"))
+                    if args.mixed and topo.reflectors:
+                        (tmp / "mixed").mkdir()
+                        results.append(run_bird(bed, hosts, topo, args.rounds, tmp / "mixed", podnet_reflectors=True))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     header = (
