@@ -118,7 +118,7 @@ def _times(
     return sorted(first.values())
 
 
-def hop_table(starts: list[tuple[float, str, str]], reflectors: list[str]) -> list[str]:
+def hop_table(starts: list[tuple[float, str, str]], reflectors: list[str], since: str = "announce()") -> list[str]:
     """Median milliseconds from ``announce()`` to each hop, over the rounds."""
     hops: dict[str, list[float]] = {}
     records = sorted(TRACE.records)
@@ -141,7 +141,7 @@ def hop_table(starts: list[tuple[float, str, str]], reflectors: list[str]) -> li
         for label, values in rows.items():
             hops.setdefault(label, []).extend(values)
     TRACE.records.clear()
-    out = ["| hop | median ms after announce() | min | max |", "|---|---|---|---|"]
+    out = [f"| hop | median ms after {since} | min | max |", "|---|---|---|---|"]
     for label, values in hops.items():
         if values:
             out.append(f"| {label} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
@@ -330,7 +330,8 @@ def run_bird(
             flat = [p for pair in pairs for p in pair if p]
             rss = statistics.mean(rss_kib(e) + rss_kib(b) for e, b in pairs if e and b) / 1024
             cpu = statistics.mean(cpu_s(e) + cpu_s(b) for e, b in pairs if e and b)
-            hops = hop_table(starts, [h.name for h in hosts[: topo.reflectors]]) if TRACE.records else []
+            rrs = [h.name for h in hosts[: topo.reflectors]]
+            hops = hop_table(starts, rrs, "the origin's kernel route") if TRACE.records else []
             impl = "podnet reflectors (ExaBGP), BIRD clients; usage: per reflector"
             return Result(impl, topo.name, times, rss, cpu, idle_cpu_pct(flat) / len(pairs), hops)
         pids = [p.pid for p in procs.values()]
@@ -409,7 +410,7 @@ def main() -> int:
         fh.write(table + "\n")
         for r in results:
             if r.hops:
-                fh.write(f"\nWhere the time goes, {r.topology}, podnet (`--trace`):\n\n" + "\n".join(r.hops) + "\n")
+                fh.write(f"\nWhere the time goes, {r.topology}, {r.impl} (`--trace`):\n\n" + "\n".join(r.hops) + "\n")
     return 0
 
 
