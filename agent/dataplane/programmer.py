@@ -14,7 +14,6 @@ built-in chains as last read, and a jump found moved or deleted is put back in a
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from agent.calc.state import DataplaneState, IpSet
@@ -195,12 +194,6 @@ class PolicyDataplane:
             )
             for table in tables
         }
-        # A node where none of our jumps exist yet (first start): see _write_fresh.
-        fresh = (
-            full
-            and bool(desired.jumps)
-            and not any(is_our_jump(r) for b in builtin.values() for rs in b.values() for r in rs)
-        )
         to_list: dict[str, list[str]] = {}
         for table, names in (recheck or {}).items():
             if self.backend.name == "legacy" and plans[table].text:
@@ -212,17 +205,7 @@ class PolicyDataplane:
                 to_list[table] = names
         listing = self.iptables.start_listing(to_list)
         try:
-            if fresh:
-                self._write_fresh(
-                    desired,
-                    tables=tables,
-                    chains=chains,
-                    builtin=builtin,
-                    delete_stale=delete_stale,
-                    ipset_text=ipset_plan.text,
-                )
-            else:
-                self.ipset.restore(ipset_plan.text)
+            self.ipset.restore(ipset_plan.text)
             changed = sum(1 for name, s in ipset_plan.written.items() if sets.get(name) != s)
             result.sets_changed = changed
             result.sets_rebuilt += list(ipset_plan.rebuilt)
@@ -230,7 +213,7 @@ class PolicyDataplane:
 
             for table in tables:
                 plan = plans[table]
-                if plan.text and not fresh:
+                if plan.text:
                     self.iptables.restore(table, plan.text)
                     log.debug("iptables %s: wrote %s, deleted %s", table, plan.chains_written, plan.chains_deleted)
                 kept = {n: h for n, h in chains.get(table, {}).items() if not delete_stale}
@@ -257,52 +240,6 @@ class PolicyDataplane:
         self._written_sets = dict(desired.ipsets)
         self._builtin = {t: after_jump_fixes(b, desired.jumps, t, fixed.get(t, ())) for t, b in builtin.items()}
         return listing
-
-    def _write_fresh(
-        self,
-        desired: DataplaneState,
-        *,
-        tables: list[str],
-        chains: dict[str, dict[str, tuple[str, ...]]],
-        builtin: dict[str, dict[str, list[str]]],
-        delete_stale: bool,
-        ipset_text: str,
-    ) -> None:
-        """The first sync of a node without our jumps: no packet can reach our chains or sets until a jump exists, so
-        the sets are filled while the chains are written (two processes on two CPUs instead of one after the other),
-        and the jumps go in last, in a transaction of their own, once both are complete. Sets are created empty
-        first: a rule may only name an existing set."""
-        creates = "".join(f"{line}\n" for line in ipset_text.splitlines() if line.startswith("create "))
-        fill = "".join(f"{line}\n" for line in ipset_text.splitlines() if not line.startswith("create "))
-        self.ipset.restore(creates)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            filling = pool.submit(self.ipset.restore, fill)
-            try:
-                for table in tables:
-                    plan = plan_table(
-                        table,
-                        desired=desired.tables.get(table, {}),
-                        jumps=(),
-                        current_chains=chains.get(table, {}),
-                        builtin=builtin.get(table, {}),
-                        delete_stale=delete_stale,
-                    )
-                    if plan.text:
-                        self.iptables.restore(table, plan.text)
-            finally:
-                filling.result()
-        for table in tables:
-            want = {n: rule_hashes(c) for n, c in desired.tables.get(table, {}).items()}
-            plan = plan_table(
-                table,
-                desired=desired.tables.get(table, {}),
-                jumps=desired.jumps,
-                current_chains=want,
-                builtin=builtin.get(table, {}),
-                delete_stale=False,
-            )
-            if plan.text:
-                self.iptables.restore(table, plan.text)
 
     def _retype(
         self,
