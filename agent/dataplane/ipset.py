@@ -6,6 +6,8 @@ restore is not atomic: lines before the failing one stay applied) converges inst
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from agent.dataplane.cmd import CommandError, Runner
 from agent.dataplane.render import KernelSet, parse_ipset_save
 
@@ -20,6 +22,11 @@ class Ipset:
 
     def save(self) -> dict[str, KernelSet]:
         return parse_ipset_save(self.runner.run(["ipset", "save"]).stdout)
+
+    def start_save(self) -> Callable[[], dict[str, KernelSet]]:
+        """``save`` started in the background (a full sync reads the tables meanwhile); call the result for it."""
+        started = self.runner.start(["ipset", "save"])
+        return lambda: parse_ipset_save(started.finish())
 
     def restore(self, text: str) -> None:
         if not text:

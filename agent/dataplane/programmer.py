@@ -109,11 +109,12 @@ class PolicyDataplane:
         if full:
             chains: dict[str, dict[str, tuple[str, ...]]] = {}
             jumps: set[tuple[str, str]] = set()
+            saved_sets = self.ipset.start_save()
             for table in tables:
                 view = parse_save(self.iptables.save(table)).get(table)
                 chains[table] = dict(view.chains) if view else {}
                 builtin[table] = dict(view.builtin) if view else {}
-            sets = self.ipset.save()
+            sets = saved_sets()
         else:
             assert self._chains is not None and self._sets is not None
             chains = {t: dict(self._chains.get(t, {})) for t in tables}

@@ -179,11 +179,11 @@ def test_ipset_first_sync_and_deltas() -> None:
     }
     p = plan_ipsets(desired, {}, delete_stale=False)
     assert p.text == (
-        "create podnet-n-out hash:net family inet maxelem 65536\n"
+        "create podnet-n-out hash:net family inet hashsize 1024 maxelem 65536\n"
         "add podnet-n-out 0.0.0.0/1\n"
         "add podnet-n-out 198.51.100.0/24\n"
         "add podnet-n-out 198.51.100.7 nomatch\n"
-        "create podnet-s-web hash:ip family inet maxelem 65536\n"
+        "create podnet-s-web hash:ip family inet hashsize 1024 maxelem 65536\n"
         "add podnet-s-web 10.244.1.2\n"
         "add podnet-s-web 10.244.1.3\n"
     )
@@ -209,7 +209,8 @@ def test_ipset_growth_rebuilds_with_swap_and_type_change_is_refused() -> None:
     assert p.rebuilt == ("podnet-s-a",)
     adds = "".join(f"add {tmp} 10.0.0.{i}\n" for i in range(1, 6))
     assert p.text == (
-        f"create {tmp} hash:ip family inet maxelem 65536\nflush {tmp}\n{adds}swap {tmp} podnet-s-a\ndestroy {tmp}\n"
+        f"create {tmp} hash:ip family inet hashsize 1024 maxelem 65536\nflush {tmp}\n"
+        f"{adds}swap {tmp} podnet-s-a\ndestroy {tmp}\n"
     )
     big = {"podnet-s-a": IpSet("podnet-s-a", "hash:ip", frozenset(f"10.1.{i >> 8}.{i & 255}" for i in range(70000)))}
     p = plan_ipsets(big, current, delete_stale=False)
@@ -246,9 +247,12 @@ def test_retype_moves_rules_to_a_temp_set_and_back() -> None:
     desired = {"podnet-s-x": IpSet("podnet-s-x", "hash:net", frozenset({"10.0.0.0/24"}))}
     assert needs_retype(desired, current) == ["podnet-s-x"]
     fill, recreate, drop = retype_ipset_texts(desired, ["podnet-s-x"])
-    assert fill == f"create {tmp} hash:net family inet maxelem 65536\nflush {tmp}\nadd {tmp} 10.0.0.0/24\n"
+    assert (
+        fill == f"create {tmp} hash:net family inet hashsize 1024 maxelem 65536\nflush {tmp}\nadd {tmp} 10.0.0.0/24\n"
+    )
     assert recreate == (
-        "destroy podnet-s-x\ncreate podnet-s-x hash:net family inet maxelem 65536\nadd podnet-s-x 10.0.0.0/24\n"
+        "destroy podnet-s-x\ncreate podnet-s-x hash:net family inet hashsize 1024 maxelem 65536\n"
+        "add podnet-s-x 10.0.0.0/24\n"
     )
     assert drop == f"destroy {tmp}\n"
 
@@ -294,3 +298,13 @@ def test_state_file_round_trip_and_bad_input() -> None:
         from_json("{not json")
     with pytest.raises(StateFileError, match="type"):
         from_json('{"ipsets": [{"name": "podnet-x", "type": "hash:mac", "members": []}]}')
+
+
+def test_big_sets_are_created_near_their_final_hash_size() -> None:
+    members = frozenset(f"10.244.{i >> 8}.{i & 255}" for i in range(20000))
+    p = plan_ipsets({"podnet-s-big": IpSet("podnet-s-big", "hash:ip", members)}, {}, delete_stale=False)
+    assert p.text.startswith("create podnet-s-big hash:ip family inet hashsize 16384 maxelem 65536\n")
+    small = plan_ipsets({"podnet-s-s": IpSet("podnet-s-s", "hash:ip", frozenset({"10.0.0.1"}))}, {}, False)
+    assert "hashsize 1024 " in small.text
+    assert normalize_member("hash:ip,port", "10.0.0.1,TCP:80") == "10.0.0.1,tcp:80"
+    assert normalize_member("hash:ip,port", "10.0.0.1,udp:53") == "10.0.0.1,udp:53"
