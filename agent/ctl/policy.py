@@ -5,6 +5,7 @@ Every answer comes from the same pure compiler the agent runs, over a snapshot r
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,18 +112,26 @@ def explain_cmd(ctl: CtlContext, src: str, dst: str, port: str, output: str) -> 
 @policy_group.command("matrix")
 @click.option("--port", default="80/TCP", show_default=True, help="PORT[/TCP|UDP|SCTP].")
 @click.option("-n", "--namespace", default=None, help="Only pods of this namespace.")
+@click.option("--host", "hosts", multiple=True, help="Also this IPv4 address (e.g. an outside host), both ways.")
 @output_option
 @pass_ctl
-def matrix_cmd(ctl: CtlContext, port: str, namespace: str | None, output: str) -> None:
+def matrix_cmd(ctl: CtlContext, port: str, namespace: str | None, hosts: tuple[str, ...], output: str) -> None:
     """Reachability between all pods on PORT: rows are sources, columns destinations."""
     with _errors():
         number, proto = parse_port(port)
-        mx = matrix(_compiled(ctl), proto, number, namespace)
-    names = [f"{ns}/{name}" for ns, name in mx.pods]
-    rows = [
-        [names[i], *("-" if s == d else ("yes" if mx.allowed[(s, d)] else "no") for d in mx.pods)]
-        for i, s in enumerate(mx.pods)
-    ]
+        for h in hosts:
+            try:
+                ipaddress.IPv4Address(h)
+            except ValueError:
+                raise ExplainError(f"--host {h!r}: not an IPv4 address") from None
+        mx = matrix(_compiled(ctl), proto, number, namespace, tuple(hosts))
+    names = mx.names()
+
+    def cell(s: str, d: str) -> str:
+        ok = mx.reaches(s, d)
+        return "-" if ok is None else ("yes" if ok else "no")
+
+    rows = [[s, *(cell(s, d) for d in names)] for s in names]
     emit(mx.to_json(), [f"FROM \\ TO ({number}/{proto})", *names], rows, output)
 
 

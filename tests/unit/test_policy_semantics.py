@@ -357,3 +357,25 @@ def test_matrix_agrees_with_explain() -> None:
     denied = sorted((s, d) for (s, d), ok in mx.allowed.items() if not ok)
     # every pod outside nsa (4) to each of nsa's 3 pods
     assert len(denied) == 12 and all(d[0] == "nsa" and s[0] != "nsa" for s, d in denied)
+
+
+def test_matrix_with_an_outside_host_both_ways() -> None:
+    egress_cidr = {
+        "podSelector": {},
+        "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"port": 5978}]}],
+    }
+    c = compile_policies(snapshot(policy("nsa", "out", egress_cidr)))
+    outside = "198.51.100.7"
+    on_port = matrix(c, "TCP", 5978, hosts=(outside,))
+    off_port = matrix(c, "TCP", 80, hosts=(outside,))
+    assert on_port.reaches("nsa/a1", outside) is True and off_port.reaches("nsa/a1", outside) is False
+    assert off_port.reaches("nsb/b1", outside) is True  # nsb has no egress policy
+    assert off_port.reaches(outside, "nsa/a1") is True  # egress policies do not isolate ingress
+    assert off_port.reaches(outside, outside) is None and off_port.reaches("nsa/a1", "nsa/a1") is None
+    doc = off_port.to_json()
+    assert doc["hosts"] == [outside]
+    allowed = doc["allowed"]
+    assert isinstance(allowed, dict)
+    assert allowed[outside]["nsa/a1"] is True and allowed["nsa/a1"][outside] is False
+    assert allowed["nsa/a1"]["nsa/a2"] is False  # egress isolation covers pods too

@@ -8,7 +8,7 @@ own node is always allowed, both ways (as the Kubernetes documentation says).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.calc.policy.resolve import Compiled, CompiledRule, PortMatch
 from agent.calc.policy.spec import EGRESS, INGRESS
@@ -201,25 +201,50 @@ class Matrix:
     protocol: str
     port: int
     allowed: dict[tuple[PodKey, PodKey], bool]
+    hosts: tuple[str, ...] = ()  # bare addresses (outside hosts) shown as sources and destinations too
+    host_allowed: dict[tuple[str, str], bool] = field(default_factory=dict)  # (source, destination) texts
+
+    def names(self) -> list[str]:
+        return [f"{ns}/{name}" for ns, name in self.pods] + list(self.hosts)
+
+    def reaches(self, src: str, dst: str) -> bool | None:
+        """By the names ``names()`` gives; None for a participant to itself or between two hosts."""
+        if (src, dst) in self.host_allowed:
+            return self.host_allowed[(src, dst)]
+        key = {f"{ns}/{name}": (ns, name) for ns, name in self.pods}
+        if src in key and dst in key and src != dst:
+            return self.allowed[(key[src], key[dst])]
+        return None
 
     def to_json(self) -> dict[str, object]:
+        names = self.names()
+        table: dict[str, dict[str, bool]] = {}
+        for src in names:
+            row = {dst: ok for dst in names if (ok := self.reaches(src, dst)) is not None}
+            if row:
+                table[src] = row
         return {
             "protocol": self.protocol,
             "port": self.port,
-            "pods": [f"{ns}/{name}" for ns, name in self.pods],
-            "allowed": {
-                f"{s[0]}/{s[1]}": {f"{d[0]}/{d[1]}": self.allowed[(s, d)] for d in self.pods if d != s}
-                for s in self.pods
-            },
+            "pods": names[: len(self.pods)],
+            "hosts": list(self.hosts),
+            "allowed": table,
         }
 
 
-def matrix(c: Compiled, protocol: str, port: int, namespace: str | None = None) -> Matrix:
-    """Reachability between every pair of pods that have an IPv4 address (a pod to itself is not shown)."""
+def matrix(c: Compiled, protocol: str, port: int, namespace: str | None = None, hosts: tuple[str, ...] = ()) -> Matrix:
+    """Reachability between every pair of pods that have an IPv4 address (a pod to itself is not shown), and
+    between each pod and each of ``hosts`` (bare addresses, e.g. an outside host) both ways."""
     pods = tuple(k for k, v in sorted(c.world.pods.items()) if v.ips and (namespace is None or k[0] == namespace))
     sides = {k: Side(k, c.world.pods[k].ips[0]) for k in pods}
     allowed = {(s, d): explain(c, sides[s], sides[d], protocol, port).allowed for s in pods for d in pods if s != d}
-    return Matrix(pods, protocol, port, allowed)
+    host_allowed: dict[tuple[str, str], bool] = {}
+    for ip in hosts:
+        host = Side(None, ip)
+        for k in pods:
+            host_allowed[(ip, sides[k].text)] = explain(c, host, sides[k], protocol, port).allowed
+            host_allowed[(sides[k].text, ip)] = explain(c, sides[k], host, protocol, port).allowed
+    return Matrix(pods, protocol, port, allowed, tuple(hosts), host_allowed)
 
 
 __all__ = ["INGRESS", "DirectionResult", "ExplainError", "Matrix", "Side", "Verdict", "explain", "matrix"]
