@@ -73,6 +73,7 @@ class RunnerConfig:
     startup_grace: float = 30.0
     status_ttl: int = 20
     exabgp_log_level: str = "INFO"
+    exabgp_reactor_speed: float = SpeakerConfig.reactor_speed  # ExaBGP's idle poll is speed/100 s (docs/bgp.md)
     # Seconds ExaBGP may run without its API bridge before the speaker restarts it (slow machines, emulated
     # guests: raise it). The speaker's default, read when the config is made.
     bridge_timeout: float = field(default_factory=lambda: speaker_module.BRIDGE_TIMEOUT)
@@ -352,7 +353,12 @@ class NodeRunner:
         )
 
     def _make_speaker(self, ident: SpeakerIdentity) -> Speaker:
-        cfg = SpeakerConfig(ident, log_level=self.config.exabgp_log_level, bridge_timeout=self.config.bridge_timeout)
+        cfg = SpeakerConfig(
+            ident,
+            log_level=self.config.exabgp_log_level,
+            reactor_speed=self.config.exabgp_reactor_speed,
+            bridge_timeout=self.config.bridge_timeout,
+        )
         return Speaker(cfg, workdir=self.config.workdir, netns=self.config.netns)
 
     def _bgp_in_sync(self) -> bool:
@@ -385,13 +391,13 @@ def bgp_config_problems(snap: Snapshot, malformed: dict[str, str]) -> list[str]:
     return [f"BGP peer {name}: {why}" for name, why in sorted(errors.items())]
 
 
-def _seconds(text: str) -> float:
+def _positive(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 
 
@@ -408,9 +414,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-ttl", type=int, default=20, help="lease TTL of the status keys (seconds)")
     parser.add_argument(
         "--bridge-timeout",
-        type=_seconds,
+        type=_positive,
         default=speaker_module.BRIDGE_TIMEOUT,
         help="restart ExaBGP when its API bridge has not connected for this long (seconds, default %(default)s)",
+    )
+    parser.add_argument(
+        "--exabgp-reactor-speed",
+        type=_positive,
+        default=SpeakerConfig.reactor_speed,
+        help="ExaBGP's reactor speed: it polls every speed/100 s when idle (default %(default)s)",
     )
     parser.add_argument(
         "--withdraw-on-exit",
@@ -437,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_grace=args.startup_grace,
         status_ttl=args.status_ttl,
         bridge_timeout=args.bridge_timeout,
+        exabgp_reactor_speed=args.exabgp_reactor_speed,
     )
     client = EtcdClient([e.strip() for e in args.etcd_endpoints.split(",") if e.strip()])
     done = threading.Event()

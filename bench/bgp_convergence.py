@@ -43,7 +43,7 @@ LOCK = "/run/lock/podnet-netns.lock"
 RESULTS = Path(__file__).resolve().parent / "results" / "bgp.md"
 DEFAULTS = Defaults(hold_time=9, graceful_restart_time=30)
 TICK = os.sysconf("SC_CLK_TCK")
-REACTOR_SPEED = float(os.environ.get("PODNET_BENCH_REACTOR_SPEED", "1.0"))
+REACTOR_SPEED = float(os.environ.get("PODNET_BENCH_REACTOR_SPEED", str(SpeakerConfig.reactor_speed)))
 
 
 @dataclass

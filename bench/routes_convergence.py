@@ -213,7 +213,15 @@ def timed_rounds(
 
 
 def run_podnet(
-    *, server: EtcdServer, nodes: dict[str, Node], n_rr: int, rounds: int, encapsulation: str, work: Path, trace: bool
+    *,
+    reactor_speed: float | None = None,
+    server: EtcdServer,
+    nodes: dict[str, Node],
+    n_rr: int,
+    rounds: int,
+    encapsulation: str,
+    work: Path,
+    trace: bool,
 ) -> tuple[Side, list[Round]]:
     etcd = EtcdClient([server.endpoint])
     store = Store(etcd)
@@ -246,6 +254,8 @@ def run_podnet(
             ]
             if trace:
                 cmd += ["--trace", str(work / f"{name}.trace")]
+            if reactor_speed is not None:
+                cmd += ["--exabgp-reactor-speed", str(reactor_speed)]
             with open(work / f"{name}.log", "wb") as out:
                 runners[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -455,7 +465,9 @@ def hop_table(log: list[Round], work: Path, n_nodes: int, n_rr: int) -> list[str
     return rows
 
 
-def run(topology: str, rounds: int, encapsulation: str, trace: bool, keep: bool) -> tuple[list[str], list[str]]:
+def run(
+    topology: str, rounds: int, encapsulation: str, trace: bool, keep: bool, *, reactor_speed: float | None = None
+) -> tuple[list[str], list[str]]:
     n_nodes, n_rr = TOPOLOGIES[topology]
     server = EtcdServer().start()
     bed = NetnsBed()
@@ -464,7 +476,14 @@ def run(topology: str, rounds: int, encapsulation: str, trace: bool, keep: bool)
         ul = bed.underlay()
         nodes = {f"n{i}": bed.node(f"n{i}", ul, 10 + i) for i in range(1, n_nodes + 1)}
         podnet, log = run_podnet(
-            server=server, nodes=nodes, n_rr=n_rr, rounds=rounds, encapsulation=encapsulation, work=work, trace=trace
+            reactor_speed=reactor_speed,
+            server=server,
+            nodes=nodes,
+            n_rr=n_rr,
+            rounds=rounds,
+            encapsulation=encapsulation,
+            work=work,
+            trace=trace,
         )
         (work / "bird").mkdir()
         bird = run_bird(bed, nodes, n_rr, rounds, work / "bird")
@@ -502,6 +521,7 @@ def main() -> int:
     ap.add_argument("--topology", action="append", choices=sorted(TOPOLOGIES))
     ap.add_argument("--encapsulation", default="vxlan", choices=("vxlan", "none"))
     ap.add_argument("--trace", action="store_true", help="per-hop timestamps from the runners (adds a little work)")
+    ap.add_argument("--reactor-speed", type=float, help="the runners' --exabgp-reactor-speed (default: theirs)")
     ap.add_argument("--keep", action="store_true", help="keep the runners' logs and traces")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to the results file")
     args = ap.parse_args()
@@ -514,12 +534,16 @@ def main() -> int:
         fcntl.flock(lock, fcntl.LOCK_EX)  # never beside a netns test suite
         loads.append(os.getloadavg()[0])
         for topology in topologies:
-            r, h = run(topology, args.rounds, args.encapsulation, args.trace, args.keep)
+            r, h = run(
+                topology, args.rounds, args.encapsulation, args.trace, args.keep, reactor_speed=args.reactor_speed
+            )
             rows += r
             hops += h
             loads.append(os.getloadavg()[0])
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     flags = f"--rounds {args.rounds}" + (" --trace" if args.trace else "")
+    if args.reactor_speed is not None:
+        flags += f" --reactor-speed {args.reactor_speed}"
     text = "\n".join(
         [
             f"\n## {stamp}: `bench/routes_convergence.py {flags}` ({os.cpu_count()} CPUs, 1-minute load average "

@@ -26,3 +26,11 @@ def test_bad_bridge_timeout_on_the_command_line_is_refused(
     assert exc.value.code == 2
     assert "--bridge-timeout" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_reactor_speed_default_and_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert RunnerConfig("n1", tmp_path).exabgp_reactor_speed == 5.0  # ExaBGP polls every 50 ms when idle
+    with pytest.raises(SystemExit) as exc:
+        main(["--node", "n1", "--workdir", str(tmp_path), "--exabgp-reactor-speed=-1"])
+    assert exc.value.code == 2
+    assert "--exabgp-reactor-speed" in capsys.readouterr().err
