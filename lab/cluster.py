@@ -11,6 +11,7 @@ PID) and deletes every namespace, also after a failure or Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -23,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from ipam.allocator import Ipam
 from ipam.pools import add_pool
-from lab.scenario import PodSpec, Scenario
+from lab.scenario import OUTSIDE_RANGES, PodSpec, Scenario
 from testbed.etcd_server import EtcdServer
-from testbed.netns import Netns, NetnsBed, Node
+from testbed.netns import Netns, NetnsBed, Node, Underlay, sh
 
 POOL = "10.244.0.0/16"
 SWEEP = str(Path(__file__).resolve().parent / "sweep.py")
@@ -66,6 +68,8 @@ class Cluster:
         self.bed = NetnsBed()
         self.nodes: dict[str, LabNode] = {}
         self.pods: dict[str, LabPod] = {}
+        self.outside: LabPod | None = None  # the outside host (no pod spec: its key is its address)
+        self.underlay: Underlay | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._etcd: EtcdClient | None = None
 
@@ -96,7 +100,9 @@ class Cluster:
         store = Store(self.etcd)
         store.put(m.ClusterConfig(encapsulation=sc.encapsulation))
         add_pool(store, m.IPPool(POOL, encapsulation=sc.encapsulation))
-        underlay = self.bed.underlay()
+        underlay = self.underlay = self.bed.underlay()
+        if sc.outside:
+            self._add_outside(underlay, sc.outside)
         for i, name in enumerate(sc.nodes):
             node = self.bed.node(name, underlay, 11 + i)
             node.ns.sysctl("net.ipv4.ip_forward", "1")
@@ -113,6 +119,55 @@ class Cluster:
         self.say(
             f"lab: etcd at {self.endpoint}; {len(self.nodes)} nodes up ({sc.encapsulation}); workdir {self.workdir}"
         )
+
+    def _add_outside(self, underlay: Underlay, address: str) -> None:
+        """An outside host behind the underlay's router (which also routes the nodes' pod blocks, like a top-of-rack
+        router that learned them)."""
+        net = next(n for n in OUTSIDE_RANGES if ipaddress.IPv4Address(address) in n)
+        gateway = net.network_address + 1
+        ns = self.bed.netns("outside")
+        sh(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "o-ul",
+            "netns",
+            underlay.ns.name,
+        )
+        underlay.ns.ip("addr", "add", f"{gateway}/{net.prefixlen}", "dev", "o-ul")
+        underlay.ns.ip("link", "set", "o-ul", "up")
+        underlay.ns.sysctl("net.ipv4.ip_forward", "1")
+        ns.ip("addr", "add", f"{address}/{net.prefixlen}", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        ns.ip("route", "add", "default", "via", str(gateway))
+        self.outside = LabPod(PodSpec("", address, "", {}), ns, address)
+
+    def _route_blocks_in_underlay(self) -> None:
+        assert self.underlay is not None
+        nodes = {name: ln.node.address for name, ln in self.nodes.items()}
+        for block in Store(self.etcd).list(k.BLOCKS_PREFIX, m.Block):
+            via = nodes.get(block.value.affine_node or "")
+            if via is not None:
+                self.underlay.ns.ip("route", "replace", block.value.cidr, "via", via)
+
+    def _listen(self, ns: Netns, key: str) -> subprocess.Popen[str]:
+        ports = self.scenario.ports()
+        proc = ns.popen(sys.executable, SWEEP, "serve", *(f"{p}/{proto}" for p, proto in ports))
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise LabError(f"the listener in {key} did not start")
+        return proc
+
+    def participants(self) -> list[str]:
+        """Pods ("ns/name") and the outside host (its address), in the order reports show them."""
+        return sorted(self.pods) + ([self.outside.ip] if self.outside else [])
 
     def _spawn(self, ln: LabNode, role: str, argv: list[str]) -> None:
         logf = open(self.workdir / f"{ln.node.name}-{role}.log", "ab")  # noqa: SIM115 - the child writes it
@@ -135,7 +190,7 @@ class Cluster:
         return str(self.workdir / f"{node}-cni.sock")
 
     def close(self) -> None:
-        for pod in self.pods.values():
+        for pod in [*self.pods.values(), *([self.outside] if self.outside else [])]:
             if pod.listener is not None:
                 self.bed.stop_process(pod.listener)
         for proc in reversed(self._procs):
@@ -181,7 +236,6 @@ class Cluster:
 
     def add_pods(self) -> None:
         """Wire every pod with a CNI ADD (after the node's CNI server listens), record it, start its listeners."""
-        ports = self.scenario.ports()
         store = Store(self.etcd)
         for spec in self.scenario.pods:
             sock = self.cni_socket(spec.node)
@@ -195,22 +249,26 @@ class Cluster:
             ip = str(ips[0]["address"]).split("/")[0]
             store.put(m.Pod(spec.namespace, spec.name, dict(spec.labels), (ip,), spec.node))
             pod = LabPod(spec, netns, ip)
-            pod.listener = netns.popen(sys.executable, SWEEP, "serve", *(f"{p}/{proto}" for p, proto in ports))
-            assert pod.listener.stdout is not None
-            if pod.listener.stdout.readline().strip() != "ready":
-                raise LabError(f"the listener in {spec.key} did not start")
+            pod.listener = self._listen(netns, spec.key)
             self.pods[spec.key] = pod
             self.say(f"lab: pod {spec.key} on {spec.node} at {ip}")
+        if self.outside is not None:
+            self._route_blocks_in_underlay()
+            self.outside.listener = self._listen(self.outside.ns, "the outside host")
 
     # --- probing ------------------------------------------------------------------------------------------------
 
     def probe(self, port: int, proto: str, timeout: float = 0.5) -> dict[tuple[str, str], bool]:
-        """Which pod reaches which on port/proto, with real connections (every source probes all at once)."""
+        """Which participant reaches which on port/proto, with real connections (every source probes all at once);
+        keys as ``participants()`` names them."""
+        everyone = {key: pod for key, pod in self.pods.items()}
+        if self.outside is not None:
+            everyone[self.outside.ip] = self.outside
+        keys = self.participants()
         procs = {}
-        keys = sorted(self.pods)
         for src in keys:
-            targets = [self.pods[d].ip for d in keys if d != src]
-            procs[src] = self.pods[src].ns.popen(
+            targets = [everyone[d].ip for d in keys if d != src]
+            procs[src] = everyone[src].ns.popen(
                 sys.executable, SWEEP, "probe", proto.lower(), str(port), str(timeout), *targets
             )
         seen: dict[tuple[str, str], bool] = {}

@@ -54,7 +54,9 @@ def run_phase(cluster: Cluster, phase: Phase, timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     expected: dict[str, dict[Pair, bool]] = {}
     for port, proto in phase.ports:
-        doc = json.loads(_agentctl(cluster.endpoint, "policy", "matrix", "--port", f"{port}/{proto}", "-o", "json"))
+        hosts = ["--host", cluster.outside.ip] if cluster.outside is not None else []
+        cmd = ["policy", "matrix", "--port", f"{port}/{proto}", *hosts, "-o", "json"]
+        doc = json.loads(_agentctl(cluster.endpoint, *cmd))
         expected[f"{port}/{proto}"] = expected_from_json(doc)
     matched_at: float | None = None
     while True:
@@ -123,12 +125,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         cluster.add_pods()
-        pods = sorted(cluster.pods)
+        pods = cluster.participants()
         if args.output == "table":
-            print(f"podnet lab: scenario {scenario.name!r}, {len(scenario.nodes)} nodes, {len(pods)} pods")
+            print(f"podnet lab: scenario {scenario.name!r}, {len(scenario.nodes)} nodes, {len(cluster.pods)} pods")
             for n, key in enumerate(pods, start=1):
-                p = cluster.pods[key]
-                print(f"  {n:>2} {key:<24} node {p.spec.node:<6} {p.ip}")
+                where = (
+                    f"node {cluster.pods[key].spec.node:<6} {cluster.pods[key].ip}"
+                    if key in cluster.pods
+                    else "outside"
+                )
+                print(f"  {n:>2} {key:<24} {where}")
         for i, phase in enumerate(scenario.phases):
             res = run_phase(cluster, phase, FIRST_PHASE_TIMEOUT if i == 0 else args.timeout)
             results.append(res)

@@ -3,6 +3,7 @@ reachability check on some ports. Read from YAML; validated here so a bad file f
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ import yaml
 DEFAULT = Path(__file__).resolve().parent / "scenarios" / "seed.yaml"
 _PORT = re.compile(r"^(\d{1,5})/(TCP|UDP)$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# The outside host lives in a documentation range (RFC 5737): never a real public address.
+OUTSIDE_RANGES = tuple(ipaddress.IPv4Network(n) for n in ("198.51.100.0/24", "192.0.2.0/24", "203.0.113.0/24"))
 
 
 class ScenarioError(ValueError):
@@ -47,6 +50,7 @@ class Scenario:
     namespaces: dict[str, dict[str, str]]
     pods: tuple[PodSpec, ...]
     phases: tuple[Phase, ...] = field(default=())
+    outside: str | None = None  # an outside host's address, reached through the underlay's router
 
     def ports(self) -> list[tuple[int, str]]:
         return sorted({p for ph in self.phases for p in ph.ports})
@@ -108,7 +112,17 @@ def parse(text: str, *, encapsulation: str | None = None) -> Scenario:
         if any(x.count("/") != 1 for x in delete):
             raise ScenarioError(f"phases[{i}].delete: NAMESPACE/NAME of policies")
         phases.append(Phase(ph["name"], str(ph.get("apply") or ""), delete, ports or ((80, "TCP"),)))
-    return Scenario(str(doc.get("name", "lab")), tuple(nodes), encap, namespaces, tuple(pods), tuple(phases))
+    outside = doc.get("outside")
+    if outside is not None:
+        try:
+            addr = ipaddress.IPv4Address(str(outside))
+        except ValueError:
+            raise ScenarioError(f"outside: {outside!r} is not an IPv4 address") from None
+        net = next((n for n in OUTSIDE_RANGES if addr in n), None)
+        if net is None or addr in (net.network_address, net.network_address + 1, net.broadcast_address):
+            raise ScenarioError(f"outside: {outside} must be a host in 198.51.100.0/24, 192.0.2.0/24 or 203.0.113.0/24")
+        outside = str(addr)
+    return Scenario(str(doc.get("name", "lab")), tuple(nodes), encap, namespaces, tuple(pods), tuple(phases), outside)
 
 
 def load(path: Path | None, *, encapsulation: str | None = None) -> Scenario:

@@ -37,7 +37,7 @@ def test_seed_scenario_runs_converges_and_cleans_up(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["ok"] is True
     phases = {p["phase"].split(":")[0]: p for p in report["phases"]}
-    assert len(phases) == 6 and all(p["converged"] and not any(x["wrong"] for x in p["ports"]) for p in phases.values())
+    assert len(phases) == 8 and all(p["converged"] and not any(x["wrong"] for x in p["ports"]) for p in phases.values())
 
     # no policy: across nodes (a1 on n1, d2 on n3) and on one node (a1, b1 on n1)
     assert _cell(phases["no policy"], "80/TCP", "nsa/a1 -> default/d2")
@@ -56,8 +56,20 @@ def test_seed_scenario_runs_converges_and_cleans_up(tmp_path: Path) -> None:
     assert _cell(phases["5"], "6379/TCP", "nsb/b1 -> nsa/a2")
     assert not _cell(phases["5"], "80/TCP", "nsb/b1 -> nsa/a2")
     assert not _cell(phases["5"], "6379/TCP", "default/d1 -> nsa/a1")
-    # policy deleted: open again
-    assert all(_cell(phases["policy deleted"], "80/TCP", f"{s} -> nsa/a1") for s in ("nsb/b1", "default/d2"))
+    # 4: nsa's egress only to the outside network on 5978/TCP (the outside host is behind the underlay's router)
+    out = "198.51.100.7"
+    assert _cell(phases["4"], "5978/TCP", f"nsa/a1 -> {out}") and _cell(phases["4"], "5978/TCP", f"nsa/a2 -> {out}")
+    assert not _cell(phases["4"], "80/TCP", f"nsa/a1 -> {out}")
+    assert not _cell(phases["4"], "5978/TCP", "nsa/a1 -> nsb/b1")
+    assert _cell(phases["4"], "80/TCP", f"nsb/b1 -> {out}") and _cell(phases["4"], "80/TCP", f"{out} -> nsa/a1")
+    # seed 5: default accepts only the outside network on 80/TCP
+    assert _cell(phases["seed 5"], "80/TCP", f"{out} -> default/d1")
+    assert not _cell(phases["seed 5"], "6379/TCP", f"{out} -> default/d2")
+    assert not _cell(phases["seed 5"], "80/TCP", "nsa/a1 -> default/d1")
+    assert not _cell(phases["seed 5"], "80/TCP", "default/d2 -> default/d1")
+    assert _cell(phases["seed 5"], "80/TCP", "default/d1 -> nsa/a1")
+    # policies deleted: open again
+    assert all(_cell(phases["policies deleted"], "80/TCP", f"{s} -> nsa/a1") for s in ("nsb/b1", "default/d2", out))
 
     assert set(list_netns()) == before, "the lab left network namespaces behind"
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "lab")], capture_output=True, text=True, check=False)

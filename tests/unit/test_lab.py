@@ -36,7 +36,7 @@ def test_a_scenario_parses_with_defaults() -> None:
 
 def test_the_shipped_seed_scenario_is_valid() -> None:
     sc = load(None)
-    assert len(sc.nodes) == 3 and len(sc.pods) == 6 and len(sc.phases) == 6
+    assert len(sc.nodes) == 3 and len(sc.pods) == 6 and len(sc.phases) == 8 and sc.outside == "198.51.100.7"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +54,9 @@ def test_the_shipped_seed_scenario_is_valid() -> None:
         ("nodes: [n1]\nencapsulation: ipip\npods: [{name: x/a, node: n1}]", "no IPIP"),
         ("nodes: [n1]\npods: [{name: x/a, node: n1, labels: {k: 1}}]", "mapping of strings"),
         ("nodes: [n1\n", "not YAML"),
+        ("nodes: [n1]\noutside: 8.8.8.8\npods: [{name: x/a, node: n1}]", "must be a host in"),
+        ("nodes: [n1]\noutside: 198.51.100.1\npods: [{name: x/a, node: n1}]", "must be a host in"),
+        ("nodes: [n1]\noutside: nowhere\npods: [{name: x/a, node: n1}]", "not an IPv4 address"),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_reason(text: str, says: str) -> None:
