@@ -58,10 +58,11 @@ class SpeakerConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     log_level: str = "INFO"
-    # ExaBGP's reactor waits up to speed/100 s when nothing is readable (its sockets and our API pipe wake it at
-    # once). Its default 1.0 (10 ms) costs ~1.3 % of a CPU per idle speaker; 5.0 (50 ms) ~0.5 %, and converged
-    # faster here where many speakers share CPUs (bench/results/routes.md); 0.1 was worse.
-    reactor_speed: float = 5.0
+    # ExaBGP's reactor sleeps up to speed/100 s when nothing is readable (its sockets and our API pipe wake it at
+    # once). 1.0 (its default, 10 ms) costs ~1.3 % of a CPU per idle speaker; 5.0 (50 ms) ~0.5 % and helped where
+    # 30 speakers share 2 CPUs, but a reflector's fan-out took longer (17-19 -> 29-31 ms); 0.1 was worse.
+    # See bench/results/bgp.md and routes.md.
+    reactor_speed: float = 1.0
     # ExaBGP running this long without its API bridge connected is restarted (it gives up respawning a helper
     # that keeps dying). Read from the module at construction, so the default can be changed in one place.
     bridge_timeout: float = field(default_factory=lambda: BRIDGE_TIMEOUT)

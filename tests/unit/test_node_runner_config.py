@@ -29,7 +29,7 @@ def test_bad_bridge_timeout_on_the_command_line_is_refused(
 
 
 def test_reactor_speed_default_and_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert RunnerConfig("n1", tmp_path).exabgp_reactor_speed == 5.0  # ExaBGP polls every 50 ms when idle
+    assert RunnerConfig("n1", tmp_path).exabgp_reactor_speed == 1.0  # ExaBGP's own default: a 10 ms idle poll
     with pytest.raises(SystemExit) as exc:
         main(["--node", "n1", "--workdir", str(tmp_path), "--exabgp-reactor-speed=-1"])
     assert exc.value.code == 2
