@@ -2,9 +2,9 @@
 
 Layout (docs/policy.md draws it):
 
-    FORWARD -> podnet-FORWARD: -i cali+ / -o cali+ -> podnet-fwd-pod
-        podnet-fwd-pod: RELATED,ESTABLISHED accept; INVALID drop; from a pod: podnet-from-pod (its egress);
-                        to a pod: podnet-to-pod (its ingress); accept
+    FORWARD -> podnet-FORWARD: -i cali+ / -o cali+ RELATED,ESTABLISHED accept; -i cali+ / -o cali+ -> podnet-fwd-pod
+        podnet-fwd-pod: INVALID drop; from a pod: podnet-from-pod (its egress); to a pod: podnet-to-pod (its
+                        ingress); accept
     INPUT   -> podnet-INPUT:   -i cali+ -> podnet-in-pod: conntrack; known interface accept (pod to its own node);
                                an unknown cali interface is dropped
     OUTPUT  -> podnet-OUTPUT:  -o cali+ accept (this node to its pods: always allowed)
@@ -169,16 +169,23 @@ def build_state(c: Compiled, snap: Snapshot, node: str) -> DataplaneState:
 
 
 def _top_chains() -> list[Chain]:
-    conntrack = (
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        "-m conntrack --ctstate INVALID -j DROP",
-    )
+    established = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    invalid = "-m conntrack --ctstate INVALID -j DROP"
+    conntrack = (established, invalid)
+    pods = f"{IFACE_PREFIX}+"
     return [
-        Chain(FORWARD, (f"-i {IFACE_PREFIX}+ -j {FWD_POD}", f"-o {IFACE_PREFIX}+ -j {FWD_POD}")),
+        # Most forwarded packets belong to established flows: accept those of pod interfaces right here, one rule
+        # into our chain, rather than one jump further (measured: about a point of QPS on the seed's HTTP test).
         Chain(
-            FWD_POD,
-            (*conntrack, f"-i {IFACE_PREFIX}+ -j {FROM_POD}", f"-o {IFACE_PREFIX}+ -j {TO_POD}", "-j ACCEPT"),
+            FORWARD,
+            (
+                f"-i {pods} {established}",
+                f"-o {pods} {established}",
+                f"-i {pods} -j {FWD_POD}",
+                f"-o {pods} -j {FWD_POD}",
+            ),
         ),
+        Chain(FWD_POD, (invalid, f"-i {pods} -j {FROM_POD}", f"-o {pods} -j {TO_POD}", "-j ACCEPT")),
         Chain(INPUT, (f"-i {IFACE_PREFIX}+ -j {IN_POD}",)),
         Chain(IN_POD, (*conntrack, f"-j {HOST_POD}")),
         Chain(OUTPUT, (f"-o {IFACE_PREFIX}+ {comment('this node to its pods: always allowed')} -j ACCEPT",)),
