@@ -25,6 +25,10 @@ class Chain:
 
     name: str  # podnet-… , at most 28 characters
     rules: tuple[str, ...] = ()
+    # False: the rules carry no hash comment and are compared with the kernel by their text, which must then be the
+    # form iptables-save prints. For the few chains every forwarded packet crosses: with iptables-nft each comment
+    # is a compat match evaluated per packet.
+    hashed: bool = True
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ class RenderError(ValueError):
 
 @functools.lru_cache(maxsize=32768)  # chains rarely change between syncs; sha256 of every rule is the hot part
 def rule_hashes(chain: Chain) -> tuple[str, ...]:
+    if not chain.hashed:
+        return tuple(plain_hash(rule) for rule in chain.rules)
     out: list[str] = []
     prev = chain.name
     for rule in chain.rules:
@@ -53,10 +55,16 @@ def rule_hashes(chain: Chain) -> tuple[str, ...]:
     return tuple(out)
 
 
+def plain_hash(rule: str) -> str:
+    """The identity of a rule without a hash comment: its text as iptables-save prints it. Never equal to a chained
+    hash (those are hex only), so a foreign rule in a hashed chain still reads as drift."""
+    return "p" + hashlib.sha256(rule.encode()).hexdigest()[:15]
+
+
 @dataclass
 class TableView:
-    """What one table holds, as far as podnet cares: each owned chain's rule hashes ("" for a rule that carries no
-    hash of ours, which marks the chain as drifted), and the rules of the built-in chains (``-A CHAIN`` stripped)."""
+    """What one table holds, as far as podnet cares: each owned chain's rule hashes (``plain_hash`` of its text for
+    a rule that carries no hash of ours), and the rules of the built-in chains (``-A CHAIN`` stripped)."""
 
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     builtin: dict[str, list[str]] = field(default_factory=dict)
@@ -83,7 +91,7 @@ def parse_save(text: str) -> dict[str, TableView]:
             _, name, rest = [*line.split(" ", 2), ""][:3]
             if name.startswith(OWNED_PREFIX):
                 m = _HASH_RE.search(rest)
-                view.chains[name] = (*view.chains.get(name, ()), m.group(1) if m else "")
+                view.chains[name] = (*view.chains.get(name, ()), m.group(1) if m else plain_hash(rest))
             elif name in BUILTIN_CHAINS.get(table, ()):
                 view.builtin.setdefault(name, []).append(rest)
     return views
@@ -189,7 +197,10 @@ def plan_table(
     lines += [f":{name} - [0:0]" for name in [*changed, *stale]]
     for name in changed:
         for rule, h in zip(desired[name].rules, want[name], strict=True):
-            lines.append(f'-A {name} -m comment --comment "{HASH_TAG}{h}" {rule}')
+            if desired[name].hashed:
+                lines.append(f'-A {name} -m comment --comment "{HASH_TAG}{h}" {rule}')
+            else:
+                lines.append(f"-A {name} {rule}")
     lines += jump_lines
     lines += [f"-X {name}" for name in stale]
     lines.append("COMMIT")

@@ -20,7 +20,10 @@ def to_json(state: DataplaneState) -> str:
             for s in sorted(state.ipsets.values(), key=lambda s: s.name)
         ],
         "tables": {
-            table: [{"name": c.name, "rules": list(c.rules)} for c in sorted(chains.values(), key=lambda c: c.name)]
+            table: [
+                {"name": c.name, "rules": list(c.rules), **({} if c.hashed else {"hashed": False})}
+                for c in sorted(chains.values(), key=lambda c: c.name)
+            ]
             for table, chains in sorted(state.tables.items())
         },
         "jumps": [{"table": j.table, "chain": j.chain, "rule": j.rule} for j in state.jumps],
@@ -37,7 +40,7 @@ def from_json(text: str) -> DataplaneState:
                 raise StateFileError(f"ipset {s['name']}: type {s['type']!r} is not one of {IPSET_TYPES}")
             ipsets[s["name"]] = IpSet(s["name"], s["type"], frozenset(s["members"]), s.get("family", "inet"))
         tables = {
-            table: {c["name"]: Chain(c["name"], tuple(c["rules"])) for c in chains}
+            table: {c["name"]: Chain(c["name"], tuple(c["rules"]), bool(c.get("hashed", True))) for c in chains}
             for table, chains in doc.get("tables", {}).items()
         }
         jumps = tuple(KernelJump(j["table"], j["chain"], j["rule"]) for j in doc.get("jumps", []))

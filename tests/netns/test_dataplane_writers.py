@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from agent.calc.policy import compile_node
+from agent.calc.snapshot import Snapshot
 from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend, detect
 from agent.dataplane.cmd import Runner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer
 from agent.dataplane.programmer import PolicyDataplane
 from agent.dataplane.render import RenderError
+from datastore import model as m
 from testbed.netns import NetnsBed, Node, Pod
 from testbed.wait import eventually
 
@@ -365,5 +368,45 @@ def test_every_incremental_sync_rechecks_and_fixes_the_jumps(netns_bed: NetnsBed
         assert rules[0].endswith("-j podnet-FORWARD") and "intruder" in rules[1] and len(rules) == 2
         assert "--dport 11 " in "".join(chain_rules(save(bed.node, backend), "podnet-INPUT"))
         assert not bed.reach(bed.a) and bed.reach(bed.c)
+    finally:
+        PolicyDataplane(runner, Backend(backend)).remove_all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_compilers_state_reads_back_as_written(netns_bed: NetnsBed, backend: str) -> None:
+    """The compiler's chains, hashed or plain (the hot ones carry no comments and are compared by their text), read
+    back from the kernel exactly as written: a second writer's full sync adopts everything and writes nothing."""
+    bed = make_bed(netns_bed)
+    pods = {"a": bed.a, "b": bed.b, "c": bed.c}
+    snap = Snapshot(
+        revision=1,
+        in_sync=True,
+        namespaces={"default": m.Namespace("default", {"kubernetes.io/metadata.name": "default"})},
+        pods={("default", n): m.Pod("default", n, {"app": n}, (p.ip,), "n1") for n, p in pods.items()},
+        endpoints={
+            ("n1", "default", n, "eth0"): m.Endpoint("n1", "default", n, "eth0", p.host_iface, (f"{p.ip}/32",))
+            for n, p in pods.items()
+        },
+        policies={
+            ("default", "b"): m.Policy(
+                "default",
+                "b",
+                {
+                    "podSelector": {"matchLabels": {"app": "b"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "c"}}}]}],
+                },
+            )
+        },
+    )
+    state = compile_node(snap, "n1").state
+    assert any(not c.hashed for c in state.tables["filter"].values())
+    runner = Runner(bed.node.ns.name)
+    try:
+        assert PolicyDataplane(runner, Backend(backend)).apply(state, full=True).wrote
+        assert not bed.reach(bed.a) and bed.reach(bed.c)
+        again = PolicyDataplane(runner, Backend(backend)).apply(state, full=True)
+        assert not again.wrote, again
+        assert chain_rules(save(bed.node, backend), "FORWARD") == ["-A FORWARD -j podnet-FORWARD"]
+        assert "comment" not in "".join(chain_rules(save(bed.node, backend), "podnet-FORWARD"))
     finally:
         PolicyDataplane(runner, Backend(backend)).remove_all()
