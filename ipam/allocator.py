@@ -241,17 +241,7 @@ class Ipam:
                 return []
             compares: list[Compare] = [ModRevisionIs(got.path, got.mod_revision)]
             ops: list[Op] = [Delete(got.path)]
-            changed: dict[str, m.Block | None] = {}
-            for cidr, bv in self._blocks_holding(got.value.ips).items():
-                kept = {o: a for o, a in bv.value.allocations.items() if a.handle != handle}
-                new = replace(bv.value, allocations=kept)
-                compares.append(ModRevisionIs(bv.path, bv.mod_revision))
-                if not kept and new.affinity is None:
-                    ops.append(Delete(bv.path))
-                    changed[cidr] = None
-                else:
-                    ops.append(Put(bv.path, codec.encode(new)))
-                    changed[cidr] = new
+            changed = self._without_handles(got.value.ips, {handle}, compares, ops)
             if self.client.txn(compares, ops).succeeded:
                 self._forget(changed)
                 return list(got.value.ips)
@@ -269,18 +259,8 @@ class Ipam:
             return out
         compares: list[Compare] = [ModRevisionIs(got.path, got.mod_revision) for got in records.values()]
         ops: list[Op] = [Delete(got.path) for got in records.values()]
-        changed: dict[str, m.Block | None] = {}
         ips = [ip for got in records.values() for ip in got.value.ips]
-        for cidr, bv in self._blocks_holding(ips).items():
-            kept = {o: a for o, a in bv.value.allocations.items() if a.handle not in records}
-            new = replace(bv.value, allocations=kept)
-            compares.append(ModRevisionIs(bv.path, bv.mod_revision))
-            if not kept and new.affinity is None:
-                ops.append(Delete(bv.path))
-                changed[cidr] = None
-            else:
-                ops.append(Put(bv.path, codec.encode(new)))
-                changed[cidr] = new
+        changed = self._without_handles(ips, set(records), compares, ops)
         result = self.client.txn(compares, ops)
         if not result.succeeded:
             return None
@@ -292,6 +272,25 @@ class Ipam:
                     self._cache.setdefault(block.affine_node, {})[block.cidr] = _Cached(block, result.revision)
         out.update({h: list(got.value.ips) for h, got in records.items()})
         return out
+
+    def _without_handles(
+        self, ips: Sequence[str], handles: set[str], compares: list[Compare], ops: list[Op]
+    ) -> dict[str, m.Block | None]:
+        """Add to a release transaction: each block holding one of ``ips`` rewritten without the allocations of
+        ``handles`` (compared on its revision), or deleted when that leaves it empty and without affinity. Returns
+        the blocks as they will be (None: deleted)."""
+        changed: dict[str, m.Block | None] = {}
+        for cidr, bv in self._blocks_holding(ips).items():
+            kept = {o: a for o, a in bv.value.allocations.items() if a.handle not in handles}
+            new = replace(bv.value, allocations=kept)
+            compares.append(ModRevisionIs(bv.path, bv.mod_revision))
+            if not kept and new.affinity is None:
+                ops.append(Delete(bv.path))
+                changed[cidr] = None
+            else:
+                ops.append(Put(bv.path, codec.encode(new)))
+                changed[cidr] = new
+        return changed
 
     def release_ip(self, ip: str) -> str | None:
         """Release one address, whoever holds it. Returns the handle it was released from (None if it was free)."""
