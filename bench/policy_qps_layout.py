@@ -7,9 +7,11 @@ Same path and load as policy_qps.py (client pod → node → server pod, nginx +
 - ``conntrack``: one filter rule with a conntrack match (the baseline);
 - ``jump``: a jump from FORWARD to one chain that accepts RELATED,ESTABLISHED first (the least a policy engine that
   jumps to its own chain can do), no comments;
-- ``jump+hash``: the same with podnet's per-rule hash comments;
-- ``compiled``: the compiler's real ruleset for N pods and one policy selecting all of them;
-- ``compiled+est``: the same with RELATED,ESTABLISHED accepted first in podnet-FORWARD.
+- ``jump+hash``: the same with podnet's per-rule hash comments (iptables-nft evaluates each comment as a match per
+  packet: why the compiler's hot chains carry none);
+- ``compiled``: the compiler's real ruleset for N pods and one policy selecting all of them (it accepts
+  RELATED,ESTABLISHED of pod interfaces in podnet-FORWARD's first rules);
+- ``compiled+est``: the same with an unrestricted RELATED,ESTABLISHED accept before those.
 
 Interleaved rounds (order flipped every other round), ratios to conntrack paired within a round, median (min-max).
 Appends a table to bench/results/policy.md.
