@@ -49,13 +49,17 @@ class Started:
     proc: subprocess.Popen[str]
     timeout: float
 
+    def abandon(self) -> None:
+        """Kill it and reap it (its output is not wanted any more)."""
+        self.proc.kill()
+        self.proc.communicate()
+
     def finish(self) -> str:
         """Its standard output; CommandError if it failed."""
         try:
             out, err = self.proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
+            self.abandon()
             raise CommandError(self.argv, -9, "timed out") from None
         if self.proc.returncode != 0:
             raise CommandError(self.argv, self.proc.returncode, err or out)

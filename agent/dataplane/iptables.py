@@ -54,13 +54,6 @@ class Iptables:
     def save(self, table: str) -> str:
         return self.runner.run([self.backend.save, "-t", table]).stdout
 
-    def list_chain(self, table: str, chain: str) -> list[str]:
-        out = self.runner.run([self.backend.iptables, "-w", str(int(self.wait_s)), "-t", table, "-S", chain]).stdout
-        return parse_chain_listing(out)
-
-    def list_chains(self, table: str, chains: list[str]) -> dict[str, list[str]]:
-        return self.start_listing({table: chains}).result().get(table, {})
-
     def start_listing(self, wanted: dict[str, list[str]]) -> Listing:
         """Start reading the rules of several chains (table -> chain names) with one process start, without waiting
         (each sync re-reads the built-in chains holding our jumps, so this is on the hot path of every change:
@@ -100,8 +93,7 @@ class Listing:
 
     def discard(self) -> None:
         if self.started is not None:
-            self.started.proc.kill()
-            self.started.proc.communicate()
+            self.started.abandon()
 
     def result(self) -> dict[str, dict[str, list[str]]]:
         out: dict[str, dict[str, list[str]]] = {}

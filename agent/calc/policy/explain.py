@@ -7,6 +7,7 @@ own node is always allowed, both ways (as the Kubernetes documentation says).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -207,11 +208,15 @@ class Matrix:
     def names(self) -> list[str]:
         return [f"{ns}/{name}" for ns, name in self.pods] + list(self.hosts)
 
+    @functools.cached_property
+    def _pod_keys(self) -> dict[str, PodKey]:
+        return {f"{ns}/{name}": (ns, name) for ns, name in self.pods}
+
     def reaches(self, src: str, dst: str) -> bool | None:
         """By the names ``names()`` gives; None for a participant to itself or between two hosts."""
         if (src, dst) in self.host_allowed:
             return self.host_allowed[(src, dst)]
-        key = {f"{ns}/{name}": (ns, name) for ns, name in self.pods}
+        key = self._pod_keys
         if src in key and dst in key and src != dst:
             return self.allowed[(key[src], key[dst])]
         return None
