@@ -11,6 +11,7 @@ PID) and deletes every namespace, also after a failure or Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -33,9 +34,9 @@ from ipam.pools import add_pool
 from lab.scenario import OUTSIDE_RANGES, PodSpec, Scenario
 from testbed.etcd_server import EtcdServer
 from testbed.netns import Netns, NetnsBed, Node, Underlay, sh
+from testbed.wait import eventually
 
 POOL = "10.244.0.0/16"
-SWEEP = str(Path(__file__).resolve().parent / "sweep.py")
 BIN = Path(sys.executable).parent
 
 
@@ -51,12 +52,6 @@ class LabPod:
     listener: subprocess.Popen[str] | None = None
 
 
-@dataclass
-class LabNode:
-    node: Node
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-
 class Cluster:
     def __init__(self, scenario: Scenario, workdir: Path | None = None, log: IO[str] = sys.stderr) -> None:
         self.scenario = scenario
@@ -66,7 +61,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.etcd_server = EtcdServer()
         self.bed = NetnsBed()
-        self.nodes: dict[str, LabNode] = {}
+        self.nodes: dict[str, Node] = {}
         self.pods: dict[str, LabPod] = {}
         self.outside: LabPod | None = None  # the outside host (no pod spec: its key is its address)
         self.underlay: Underlay | None = None
@@ -107,15 +102,15 @@ class Cluster:
             node = self.bed.node(name, underlay, 11 + i)
             node.ns.sysctl("net.ipv4.ip_forward", "1")
             store.put(m.Node(name, node.ip))
-            self.nodes[name] = LabNode(node)
+            self.nodes[name] = node
         if sc.encapsulation == "vxlan":
             ipam = Ipam(self.etcd)
             for name in sc.nodes:
                 ipam.ensure_tunnel_address(name, "vxlan")
         for ns, labels in sc.namespaces.items():
             store.put(m.Namespace(ns, {**labels, "kubernetes.io/metadata.name": ns}))
-        for name, ln in self.nodes.items():
-            self._start_node(name, ln)
+        for name, node in self.nodes.items():
+            self._start_node(name, node)
         self.say(
             f"lab: etcd at {self.endpoint}; {len(self.nodes)} nodes up ({sc.encapsulation}); workdir {self.workdir}"
         )
@@ -151,7 +146,7 @@ class Cluster:
 
     def _route_blocks_in_underlay(self) -> None:
         assert self.underlay is not None
-        nodes = {name: ln.node.address for name, ln in self.nodes.items()}
+        nodes = {name: node.address for name, node in self.nodes.items()}
         for block in Store(self.etcd).list(k.BLOCKS_PREFIX, m.Block):
             via = nodes.get(block.value.affine_node or "")
             if via is not None:
@@ -159,7 +154,7 @@ class Cluster:
 
     def _listen(self, ns: Netns, key: str) -> subprocess.Popen[str]:
         ports = self.scenario.ports()
-        proc = ns.popen(sys.executable, SWEEP, "serve", *(f"{p}/{proto}" for p, proto in ports))
+        proc = ns.popen(sys.executable, "-m", "testbed.probe", "serve-many", *(f"{pr.lower()}/{p}" for p, pr in ports))
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise LabError(f"the listener in {key} did not start")
@@ -169,22 +164,21 @@ class Cluster:
         """Pods ("ns/name") and the outside host (its address), in the order reports show them."""
         return sorted(self.pods) + ([self.outside.ip] if self.outside else [])
 
-    def _spawn(self, ln: LabNode, role: str, argv: list[str]) -> None:
-        logf = open(self.workdir / f"{ln.node.name}-{role}.log", "ab")  # noqa: SIM115 - the child writes it
+    def _spawn(self, node: Node, role: str, argv: list[str]) -> None:
+        logf = open(self.workdir / f"{node.name}-{role}.log", "ab")  # noqa: SIM115 - the child writes it
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         logf.close()
-        ln.procs[role] = proc
         self._procs.append(proc)
 
-    def _start_node(self, name: str, ln: LabNode) -> None:
-        ns = ln.node.ns.name
+    def _start_node(self, name: str, node: Node) -> None:
+        ns = node.ns.name
         py = sys.executable
-        self._spawn(ln, "runner", [py, "-m", "agent.node_runner", "--node", name, "--netns", ns, "--etcd-endpoints",
+        self._spawn(node, "runner", [py, "-m", "agent.node_runner", "--node", name, "--netns", ns, "--etcd-endpoints",
                                    self.endpoint, "--workdir", str(self.workdir / name)])  # fmt: skip
-        self._spawn(ln, "policy", [py, "-m", "agent.dataplane.run", "--etcd", self.endpoint, "--node", name,
+        self._spawn(node, "policy", [py, "-m", "agent.dataplane.run", "--etcd", self.endpoint, "--node", name,
                                    "--netns", ns, "--resync", "10"])  # fmt: skip
-        self._spawn(ln, "cni", [str(BIN / "podnet-cni"), "serve", "--socket", self.cni_socket(name)])
+        self._spawn(node, "cni", [str(BIN / "podnet-cni"), "serve", "--socket", self.cni_socket(name)])
 
     def cni_socket(self, node: str) -> str:
         return str(self.workdir / f"{node}-cni.sock")
@@ -218,7 +212,7 @@ class Cluster:
     # --- pods ---------------------------------------------------------------------------------------------------
 
     def _cni(self, command: str, pod: PodSpec, netns: Netns | None) -> dict[str, object]:
-        node_ns = f"/var/run/netns/{self.nodes[pod.node].node.ns.name}"
+        node_ns = f"/var/run/netns/{self.nodes[pod.node].ns.name}"
         conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "podnet", "etcdEndpoints": [self.endpoint],
                 "nodeName": pod.node, "mtu": 1400, "hostNetns": node_ns}  # fmt: skip
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
@@ -239,7 +233,7 @@ class Cluster:
         store = Store(self.etcd)
         for spec in self.scenario.pods:
             sock = self.cni_socket(spec.node)
-            if not _wait(lambda sock=sock: os.path.exists(sock), 30):
+            if not eventually(functools.partial(os.path.exists, sock), timeout=30):
                 raise LabError(f"the CNI server of {spec.node} never listened on {sock}")
             netns = self.bed.netns(f"{spec.namespace}-{spec.name}"[:40])
             result = self._cni("ADD", spec, netns)
@@ -269,7 +263,7 @@ class Cluster:
         for src in keys:
             targets = [everyone[d].ip for d in keys if d != src]
             procs[src] = everyone[src].ns.popen(
-                sys.executable, SWEEP, "probe", proto.lower(), str(port), str(timeout), *targets
+                sys.executable, "-m", "testbed.probe", "sweep", proto.lower(), str(port), str(timeout), *targets
             )
         seen: dict[tuple[str, str], bool] = {}
         for src, proc in procs.items():
@@ -283,13 +277,3 @@ class Cluster:
             for d, bit in zip(dsts, bits, strict=True):
                 seen[(src, d)] = bit == "1"
         return seen
-
-
-def _wait(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return bool(pred())

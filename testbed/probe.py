@@ -1,15 +1,19 @@
 """TCP/UDP probes, run inside a namespace with ``ip netns exec``: stdlib only, so they start fast.
 
 python -m testbed.probe serve tcp|udp HOST PORT        prints "ready", answers until killed
+python -m testbed.probe serve-many tcp/PORT|udp/PORT ...  one process answering on every port; prints "ready"
 python -m testbed.probe connect tcp|udp HOST PORT TIMEOUT   exit 0 if answered, 1 if not
+python -m testbed.probe sweep tcp|udp PORT TIMEOUT IP ...  tries every IP at once; prints one 1 (answered) or 0 each
 """
 
 from __future__ import annotations
 
 import contextlib
+import selectors
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 ANSWER = b"podnet-probe-ok"
 
@@ -54,7 +58,48 @@ def _connect(proto: str, host: str, port: int, timeout: float) -> bool:
         return data == ANSWER
 
 
+def _serve_many(specs: list[str]) -> None:
+    """Every ``proto/port`` from one process (a pod can then listen on every port a test uses)."""
+    sel = selectors.DefaultSelector()
+    for spec in specs:
+        proto, port = spec.split("/")
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        s = socket.socket(socket.AF_INET, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", int(port)))
+        if kind == socket.SOCK_STREAM:
+            s.listen(128)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, kind)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            if not isinstance(sock, socket.socket):
+                continue
+            with contextlib.suppress(OSError):
+                if key.data == socket.SOCK_STREAM:
+                    conn, _ = sock.accept()
+                    with conn:
+                        conn.sendall(ANSWER)
+                else:
+                    _, peer = sock.recvfrom(2048)
+                    sock.sendto(ANSWER, peer)
+
+
+def _sweep(proto: str, port: int, timeout: float, hosts: list[str]) -> str:
+    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        got = list(pool.map(lambda h: _connect(proto, h, port, timeout), hosts))
+    return "".join("1" if g else "0" for g in got)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "serve-many":
+        _serve_many(argv[1:])
+        return 0
+    if len(argv) >= 4 and argv[0] == "sweep" and argv[1] in ("tcp", "udp"):
+        print(_sweep(argv[1], int(argv[2]), float(argv[3]), argv[4:]), flush=True)
+        return 0
     if len(argv) >= 4 and argv[0] == "serve" and argv[1] in ("tcp", "udp"):
         (_serve_tcp if argv[1] == "tcp" else _serve_udp)(argv[2], int(argv[3]))
         return 0

@@ -23,40 +23,10 @@ NODE_SUBNETS = {"node1": "10.244.1.0/24", "node2": "10.244.2.0/24"}
 # Outside hosts sit on a bridge of the underlay router that is the gateway of both documentation ranges.
 OUTSIDE_GATEWAYS = {"198.51.100.0/24": "198.51.100.1", "192.0.2.0/24": "192.0.2.254"}
 
-# One process answering on many ports (TCP: accept and send; UDP: answer every datagram), so a pod can listen on
-# every port a test table uses without a process per port.
-MULTI_SERVER = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for spec in sys.argv[1:]:
-    proto, port = spec.split("/")
-    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(socket.AF_INET, kind)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
-    if proto == "tcp":
-        s.listen(128)
-    s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ, proto)
-print("ready", flush=True)
-while True:
-    for key, _ in sel.select():
-        s = key.fileobj
-        try:
-            if key.data == "tcp":
-                conn, _ = s.accept()
-                conn.sendall(b"podnet-probe-ok")
-                conn.close()
-            else:
-                _, peer = s.recvfrom(2048)
-                s.sendto(b"podnet-probe-ok", peer)
-        except OSError:
-            pass
-"""
-
 
 def listen_many(ns: Netns, ports: list[tuple[str, int]]) -> None:
-    proc = ns.popen(sys.executable, "-c", MULTI_SERVER, *(f"{proto}/{port}" for proto, port in sorted(set(ports))))
+    specs = (f"{proto}/{port}" for proto, port in sorted(set(ports)))
+    proc = ns.popen(sys.executable, "-m", "testbed.probe", "serve-many", *specs)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "ready":
