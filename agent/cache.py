@@ -16,7 +16,7 @@ from agent.calc.snapshot import Snapshot
 from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
-from datastore.watcher import Deleted, InSync, Update, Updated, Watcher
+from datastore.watcher import Deleted, InSync, Malformed, Update, Updated, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Cache:
             )
         }
         self._config = m.ClusterConfig()
+        self._broken_policies: dict[tuple[str, str], str] = {}  # (namespace, name) -> why it cannot be read
         self._revision = 0
         self._synced: set[str] = set()
         self._on_change = on_change
@@ -105,15 +106,27 @@ class Cache:
                     self.in_sync.set()
             elif isinstance(update, Updated):
                 self._revision = max(self._revision, update.mod_revision)
+                if isinstance(update.key, k.PolicyKey):
+                    self._broken_policies.pop((update.key.namespace, update.key.name), None)
                 if isinstance(update.value, m.ClusterConfig):
                     self._config = update.value
                 else:
                     where = _field_and_id(update.key)
                     if where is not None:
                         self._maps[where[0]][where[1]] = update.value
-            elif isinstance(update, Deleted):
+            elif isinstance(update, (Deleted, Malformed)):
                 self._revision = max(self._revision, update.mod_revision)
-                if isinstance(update.key, k.ClusterConfigKey):
+                if isinstance(update.key, k.PolicyKey):
+                    # A policy that cannot be read must not open what it isolated: the compiler fences its
+                    # namespace while it is broken (fail closed), so remember it rather than forget it.
+                    ident = (update.key.namespace, update.key.name)
+                    if isinstance(update, Malformed):
+                        self._broken_policies[ident] = update.reason
+                    else:
+                        self._broken_policies.pop(ident, None)
+                if update.key is None:
+                    pass
+                elif isinstance(update.key, k.ClusterConfigKey):
                     self._config = m.ClusterConfig()
                 else:
                     where = _field_and_id(update.key)
@@ -137,5 +150,6 @@ class Cache:
                 revision=self._revision,
                 in_sync=self.in_sync.is_set(),
                 config=self._config,
+                broken_policies=dict(self._broken_policies),
                 **maps,  # type: ignore[arg-type]
             )

@@ -4,8 +4,10 @@ The watcher reads the whole prefix at revision N, emits every object, emits ``In
 When the watch breaks (compaction, a disconnect, an etcd restart), it takes a new snapshot and emits only the
 differences from what the consumer already has, followed by a new ``InSync``: no missed update, no phantom delete.
 
-Values are decoded with ``datastore.codec``. A malformed value is logged with its key and treated as missing: if
-the key held a valid object before, the consumer gets a ``Deleted`` for it.
+Values are decoded with ``datastore.codec``. A malformed value (or key) is logged with its key and reported as
+``Malformed``: whatever valid object the key held is gone, and a consumer for whom "missing" would open something (a
+policy) can fail closed instead. Deleting a malformed key gives a ``Deleted`` (with ``key`` None when the key itself
+does not parse).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datastore import codec
 from datastore.errors import Compacted, DatastoreError
 from datastore.etcd import KV, EtcdClient, WatchStream
 from datastore.fields import ModelError
+from datastore import keys
 from datastore.keys import InvalidKey, Key
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,18 @@ class Updated:
 
 @dataclass(frozen=True)
 class Deleted:
-    key: Key
+    key: Key | None  # None: a malformed key (it was reported as ``Malformed``) is gone
     path: str
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """``path`` holds a value (or is a key) that cannot be read; any valid object it held before is gone."""
+
+    key: Key | None  # None when the key itself does not parse
+    path: str
+    reason: str
     mod_revision: int
 
 
@@ -46,7 +59,7 @@ class InSync:
     revision: int
 
 
-Update = Updated | Deleted | InSync
+Update = Updated | Deleted | Malformed | InSync
 Sink = Callable[[Update], None]
 
 
@@ -152,10 +165,13 @@ class Watcher:
             if self.malformed.get(kv.key) != str(exc):
                 log.warning("skipping malformed value at %s: %s", kv.key, exc)
             self.malformed[kv.key] = str(exc)
-            old = self._seen.get(kv.key)
-            self._seen[kv.key] = _Seen(kv.mod_revision, False, old.key if old else None)
-            if old is not None and old.valid and old.key is not None:
-                self.sink(Deleted(old.key, kv.key, kv.mod_revision))
+            key: Key | None
+            try:
+                key = keys.parse_key(kv.key)
+            except InvalidKey:
+                key = None
+            self._seen[kv.key] = _Seen(kv.mod_revision, False, key)
+            self.sink(Malformed(key, kv.key, str(exc), kv.mod_revision))
             return
         self.malformed.pop(kv.key, None)
         self._seen[kv.key] = _Seen(kv.mod_revision, True, key)
@@ -164,5 +180,5 @@ class Watcher:
     def _apply_delete(self, path: str, mod_revision: int) -> None:
         old = self._seen.pop(path, None)
         self.malformed.pop(path, None)
-        if old is not None and old.valid and old.key is not None:
+        if old is not None:
             self.sink(Deleted(old.key, path, mod_revision))

@@ -24,6 +24,9 @@ class Snapshot:
     namespaces: dict[str, m.Namespace] = field(default_factory=dict)  # name ->
     policies: dict[tuple[str, str], m.Policy] = field(default_factory=dict)  # (namespace, name) ->
     endpoints: dict[tuple[str, str, str, str], m.Endpoint] = field(default_factory=dict)  # (node, ns, pod, iface) ->
+    # Policy keys whose stored value cannot be read, (namespace, name) -> reason: the compiler fences them (fail
+    # closed) instead of treating them as absent.
+    broken_policies: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def local_endpoints(self, node: str) -> list[m.Endpoint]:
         return [ep for key, ep in sorted(self.endpoints.items()) if key[0] == node]

@@ -16,7 +16,7 @@ from datastore import codec, keys
 from datastore import model as m
 from datastore.errors import Unavailable
 from datastore.etcd import EtcdClient
-from datastore.watcher import Deleted, InSync, Update, Updated, Watcher
+from datastore.watcher import Deleted, InSync, Malformed, Update, Updated, Watcher
 from testbed.etcd_server import EtcdServer
 
 PREFIX = keys.NAMESPACES_PREFIX
@@ -29,6 +29,7 @@ class Consumer:
         self.view: dict[str, codec.Model] = {}
         self.revs: dict[str, int] = {}
         self.in_syncs: list[int] = []
+        self.bad: dict[str, str] = {}  # path -> reason, as Malformed reported it
         self.problems: list[str] = []
         self.gate: threading.Event | None = None
         self.at_gate = threading.Event()
@@ -46,11 +47,16 @@ class Consumer:
                 self.problems.append(f"stale update of {update.path} at {update.mod_revision}")
             self.view[update.path] = update.value
             self.revs[update.path] = update.mod_revision
+            self.bad.pop(update.path, None)
+        elif isinstance(update, Malformed):
+            self.view.pop(update.path, None)
+            self.bad[update.path] = update.reason
         elif isinstance(update, Deleted):
-            if update.path not in self.view:
+            if update.path not in self.view and update.path not in self.bad:
                 self.problems.append(f"phantom delete of {update.path}")
             self.view.pop(update.path, None)
             self.revs.pop(update.path, None)
+            self.bad.pop(update.path, None)
         with self.changed:
             self.changed.notify_all()
 
@@ -139,6 +145,7 @@ def test_malformed_value_is_logged_and_skipped(etcd: EtcdClient, caplog: pytest.
         assert consumer.wait_for(lambda: len(consumer.in_syncs) == 1)
         assert set(consumer.view) == {keys.NamespaceKey(n).path for n in good}
         assert bad_path in watcher.malformed
+        assert "labels" in consumer.bad[bad_path]
         assert any(bad_path in r.getMessage() and "labels" in r.getMessage() for r in caplog.records)
         # A valid key turning malformed disappears for the consumer; later keys still arrive.
         a_path = keys.NamespaceKey("a").path
@@ -146,10 +153,14 @@ def test_malformed_value_is_logged_and_skipped(etcd: EtcdClient, caplog: pytest.
         etcd.put(keys.NamespaceKey("e").path, codec.encode(m.Namespace("e")))
         assert consumer.wait_for(lambda: keys.NamespaceKey("e").path in consumer.view)
         assert a_path not in consumer.view
+        assert "JSON" in consumer.bad[a_path]
         # Mended values come back.
         etcd.put(bad_path, codec.encode(m.Namespace("c")))
         assert consumer.wait_for(lambda: bad_path in consumer.view)
-        assert bad_path not in watcher.malformed
+        assert bad_path not in watcher.malformed and bad_path not in consumer.bad
+        # Deleting a malformed key is reported, so a consumer can forget it.
+        etcd.delete(a_path)
+        assert consumer.wait_for(lambda: a_path not in consumer.bad)
         assert consumer.problems == []
     finally:
         watcher.stop()
