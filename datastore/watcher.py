@@ -165,13 +165,13 @@ class Watcher:
             if self.malformed.get(kv.key) != str(exc):
                 log.warning("skipping malformed value at %s: %s", kv.key, exc)
             self.malformed[kv.key] = str(exc)
-            key: Key | None
+            bad_key: Key | None
             try:
-                key = keys.parse_key(kv.key)
+                bad_key = keys.parse_key(kv.key)
             except InvalidKey:
-                key = None
-            self._seen[kv.key] = _Seen(kv.mod_revision, False, key)
-            self.sink(Malformed(key, kv.key, str(exc), kv.mod_revision))
+                bad_key = None
+            self._seen[kv.key] = _Seen(kv.mod_revision, False, bad_key)
+            self.sink(Malformed(bad_key, kv.key, str(exc), kv.mod_revision))
             return
         self.malformed.pop(kv.key, None)
         self._seen[kv.key] = _Seen(kv.mod_revision, True, key)

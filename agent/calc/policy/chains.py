@@ -20,7 +20,7 @@ evaluated next on the same node) and drops otherwise.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from agent.calc.policy import names
 from agent.calc.policy.resolve import Compiled, CompiledPolicy, CompiledRule, PeerMatch, PortMatch
@@ -86,11 +86,12 @@ def _rule_lines(rule: CompiledRule) -> list[str]:
     return lines
 
 
-def policy_chains(cp: CompiledPolicy) -> list[Chain]:
+def policy_chains(cp: CompiledPolicy, refused: bool = False) -> list[Chain]:
+    """The chains of one policy; a rejected (or kernel-refused) one allows nothing: its pods stay isolated."""
     out = []
     for direction in cp.directions:
         rules = [line for r in cp.rules(direction) for line in _rule_lines(r)]
-        if cp.error is not None:
+        if cp.error is not None or refused:
             rules = [f"{comment(f'{cp.ident} rejected: allows nothing')} -j RETURN"]
         out.append(Chain(policy_chain(cp.ident, direction), tuple(rules)))
     return out
@@ -132,8 +133,10 @@ def dispatch_tree(root: str, kind: str, flag: str, ifaces: list[str], target: Ca
     return chains
 
 
-def build_state(c: Compiled, snap: Snapshot, node: str) -> DataplaneState:
-    """The desired filter table and ipsets for ``node``: only the policies and sets its endpoints need."""
+def build_state(c: Compiled, snap: Snapshot, node: str, refused: Mapping[str, str] | None = None) -> DataplaneState:
+    """The desired filter table and ipsets for ``node``: only the policies and sets its endpoints need.
+    ``refused``: policy idents whose rules the kernel would not take (they allow nothing)."""
+    refused = refused or {}
     endpoints = [ep for ep in snap.local_endpoints(node) if _IFNAME.match(ep.host_iface)]
     chains: dict[str, Chain] = {}
     used_policies: dict[str, CompiledPolicy] = {}
@@ -146,8 +149,10 @@ def build_state(c: Compiled, snap: Snapshot, node: str) -> DataplaneState:
             chains[ch.name] = ch
     used_sets: set[str] = set()
     for cp in used_policies.values():
-        for ch in policy_chains(cp):
+        for ch in policy_chains(cp, cp.ident in refused):
             chains[ch.name] = ch
+        if cp.ident in refused:
+            continue
         for direction in cp.directions:
             for rule in cp.rules(direction):
                 used_sets.update(p.set_name for p in rule.peers or ())
