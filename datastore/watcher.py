@@ -17,11 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from datastore import codec
+from datastore import codec, keys
 from datastore.errors import Compacted, DatastoreError
 from datastore.etcd import KV, EtcdClient, WatchStream
 from datastore.fields import ModelError
-from datastore import keys
 from datastore.keys import InvalidKey, Key
 
 log = logging.getLogger(__name__)
