@@ -41,8 +41,9 @@ SPECS: list[dict[str, Any]] = [
 
 def mutate(rng: random.Random, snap: Snapshot, n: int) -> Snapshot:
     pods, eps, pols, nss = dict(snap.pods), dict(snap.endpoints), dict(snap.policies), dict(snap.namespaces)
+    broken = dict(snap.broken_policies)
     for _ in range(n):
-        what = rng.randrange(8)
+        what = rng.randrange(10)
         if what == 0 and pods:  # relabel
             k = rng.choice(sorted(pods))
             pods[k] = replace(pods[k], labels=dict(rng.choice(LABELS)))
@@ -67,6 +68,7 @@ def mutate(rng: random.Random, snap: Snapshot, n: int) -> Snapshot:
         elif what == 4:  # add or edit a policy
             ns, name = rng.choice(NAMESPACES), f"pol{rng.randrange(6)}"
             pols[(ns, name)] = m.Policy(ns, name, rng.choice(SPECS))
+            broken.pop((ns, name), None)
         elif what == 5 and pols:
             del pols[rng.choice(sorted(pols))]
         elif what == 6:  # namespace labels
@@ -75,7 +77,24 @@ def mutate(rng: random.Random, snap: Snapshot, n: int) -> Snapshot:
         elif what == 7 and pods:  # a pod's object is replaced by an equal one (a no-op write)
             k = rng.choice(sorted(pods))
             pods[k] = replace(pods[k])
-    return replace(snap, pods=pods, endpoints=eps, policies=pols, namespaces=nss, revision=snap.revision + 1)
+        elif what == 8:  # a policy key's stored value becomes unreadable, or an unreadable one goes
+            key = (rng.choice(NAMESPACES), f"pol{rng.randrange(6)}")
+            if key in broken and rng.random() < 0.5:
+                del broken[key]
+            else:
+                pols.pop(key, None)
+                broken[key] = rng.choice(["not valid JSON", "spec: expected an object"])
+        elif what == 9 and nss:  # a namespace record goes (its pods wait for it when labels are read)
+            del nss[rng.choice(sorted(nss))]
+    return replace(
+        snap,
+        pods=pods,
+        endpoints=eps,
+        policies=pols,
+        namespaces=nss,
+        broken_policies=broken,
+        revision=snap.revision + 1,
+    )
 
 
 def assert_same(inc: PolicyCompiler, snap: Snapshot) -> None:

@@ -107,6 +107,12 @@ def _endpoint_chain(name: str, pols: list[CompiledPolicy], direction: str) -> Ch
     return Chain(name, tuple(rules))
 
 
+def _pending_chain(name: str, why: str) -> Chain:
+    """An endpoint the agent cannot give verdicts for yet (its pod or namespace record is missing): fail closed."""
+    short = why.split(":", 1)[0]
+    return Chain(name, (f"{comment(short)} -j DROP",))
+
+
 def dispatch_tree(root: str, kind: str, flag: str, ifaces: list[str], target: Callable[[str], str]) -> list[Chain]:
     """Chains matching ``flag`` (``-i``/``-o``) against ``ifaces``: ``root`` holds at most LEAF interface rules or
     jumps to sub-chains per next character of the name; whatever matches nothing is an unknown interface: DROP."""
@@ -142,6 +148,12 @@ def build_state(c: Compiled, snap: Snapshot, node: str, refused: Mapping[str, st
     used_policies: dict[str, CompiledPolicy] = {}
     for ep in endpoints:
         pod = (ep.namespace, ep.pod)
+        pending = c.world.pending(pod)
+        if pending is not None:
+            for direction in (EGRESS, INGRESS):
+                ch = _pending_chain(endpoint_chain(ep.host_iface, direction), pending)
+                chains[ch.name] = ch
+            continue
         for direction in (EGRESS, INGRESS):
             pols = c.policies_for(pod, direction)
             used_policies.update((p.ident, p) for p in pols)

@@ -41,6 +41,7 @@ class DirectionResult:
     policies: tuple[str, ...]  # the policies selecting the pod in this direction ("ns/name")
     matched: tuple[str, ...]  # the rules that allow it ("ns/name ingress rule 0")
     rejected: tuple[str, ...] = ()  # selecting policies that were rejected (they allow nothing)
+    pending: str | None = None  # the pod gets no traffic yet, and why (its pod or namespace record is missing)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -50,6 +51,7 @@ class DirectionResult:
             "policies": list(self.policies),
             "matched": list(self.matched),
             "rejected": list(self.rejected),
+            "pending": self.pending,
         }
 
 
@@ -124,6 +126,9 @@ def rule_matches(c: Compiled, rule: CompiledRule, pkt: Packet) -> bool:
 
 
 def _direction(c: Compiled, pod: PodKey, direction: str, pkt: Packet) -> DirectionResult:
+    pending = c.world.pending(pod)
+    if pending is not None:
+        return DirectionResult(direction, False, True, (), (), pending=pending)
     pols = c.policies_for(pod, direction)
     if not pols:
         return DirectionResult(direction, True, False, (), ())
@@ -189,6 +194,9 @@ def explain(c: Compiled, src: Side, dst: Side, protocol: str, port: int) -> Verd
     reasons = []
     for d in denied:
         who = src.text if d.direction == EGRESS else dst.text
+        if d.pending is not None:
+            reasons.append(f"{d.direction.lower()} of {who}: {d.pending}")
+            continue
         why = f"{d.direction.lower()} of {who} is isolated by {', '.join(d.policies)} and no rule allows it"
         if d.rejected:
             why += f" (rejected, allowing nothing: {', '.join(d.rejected)})"

@@ -32,6 +32,7 @@ from agent.calc.policy.spec import (
     parse_spec,
 )
 from agent.calc.policy.world import (
+    NAME_LABEL,
     PodKey,
     PodView,
     World,
@@ -160,10 +161,11 @@ class _SetDef:
 
 @dataclass
 class _Entry:
-    source: m.Policy
+    source: m.Policy | str  # a str: the key's stored value cannot be read (the reason)
     compiled: CompiledPolicy
     selector: Selector  # what decides ``selected`` (a broken policy's fallback included)
     sets: list[str] = field(default_factory=list)
+    needs_ns_labels: bool = False  # a namespaceSelector of it reads namespace labels (beyond the name)
 
 
 def _changed_keys(new: Mapping[K, object], old: Mapping[K, object]) -> list[K]:
@@ -201,8 +203,9 @@ class PolicyCompiler:
         self._pods: dict[PodKey, m.Pod] = {}
         self._eps: dict[tuple[str, str, str, str], m.Endpoint] = {}
         self._eps_by_pod: dict[PodKey, dict[tuple[str, str, str, str], m.Endpoint]] = {}
-        self._namespaces: dict[str, m.Namespace] = {}
+        self._namespaces: Mapping[str, m.Namespace] = {}
         self._pod_ns: set[str] | None = None
+        self._ns_label_readers = 0  # entries whose namespaceSelectors read namespace labels
 
     def update(self, snap: Snapshot) -> Compiled:
         changed_pods = self._pod_changes(snap)
@@ -229,12 +232,16 @@ class PolicyCompiler:
         # Kept by reference: a snapshot's maps are read-only, and the next update compares against them.
         self._pods, self._eps, self._namespaces = snap.pods, snap.endpoints, snap.namespaces
         self.world.node_addresses = node_addresses(snap)
-        for key in sorted(set(self._entries) | set(snap.policies)):
-            new = snap.policies.get(key)
+        self.world.recorded_namespaces = frozenset(snap.namespaces)
+        for key in sorted(set(self._entries) | set(snap.policies) | set(snap.broken_policies)):
+            new: m.Policy | str | None = snap.policies.get(key)
+            if new is None:
+                new = snap.broken_policies.get(key)
             old = self._entries.get(key)
-            if old is not None and old.source is new:
+            if old is not None and (old.source is new or (isinstance(new, str) and old.source == new)):
                 continue
             self._set_policy(key, new)
+        self.world.ns_labels_needed = self._ns_label_readers > 0
         for name in self._dirty_sets:
             d = self._sets.get(name)
             if d is not None:
@@ -291,16 +298,20 @@ class PolicyCompiler:
 
     # --- policies ----------------------------------------------------------------------------------------------
 
-    def _set_policy(self, key: tuple[str, str], pol: m.Policy | None) -> None:
-        """Install, replace or remove a policy. The new version takes its set references before the old one
-        releases its own, so a set both use is kept, not emptied and refilled."""
+    def _set_policy(self, key: tuple[str, str], pol: m.Policy | str | None) -> None:
+        """Install, replace or remove a policy (a str: the reason its stored value cannot be read). The new version
+        takes its set references before the old one releases its own, so a set both use is kept, not emptied and
+        refilled."""
         new: _Entry | None = None
-        if pol is not None:
+        if isinstance(pol, str):
+            new = self._unreadable(key, pol)
+        elif pol is not None:
             used: list[str] = []
             cp, selector = self._compile(pol, used)
-            new = _Entry(pol, cp, selector, used)
+            new = _Entry(pol, cp, selector, used, needs_ns_labels=_reads_namespace_labels(pol))
         old = self._entries.pop(key, None)
         if old is not None:
+            self._ns_label_readers -= old.needs_ns_labels
             for pod in old.compiled.selected:
                 self._out.selecting.get(pod, set()).discard(key)
             for name in old.sets:
@@ -316,14 +327,22 @@ class PolicyCompiler:
             self._out.statuses.pop(key, None)
             return
         self._entries[key] = new
+        self._ns_label_readers += new.needs_ns_labels
         self._by_ns.setdefault(key[0], set()).add(key)
         for pod in new.compiled.selected:
             self._out.selecting.setdefault(pod, set()).add(key)
         self._out.policies[key] = new.compiled
-        status = PolicyStatus(
-            new.source.namespace, new.source.name, new.compiled.error is None, new.compiled.error or ""
-        )
-        self._out.statuses[key] = status
+        self._out.statuses[key] = PolicyStatus(key[0], key[1], new.compiled.error is None, new.compiled.error or "")
+
+    def _unreadable(self, key: tuple[str, str], reason: str) -> _Entry:
+        """A policy key whose stored value cannot be read: which pods and directions it meant is unknown, so it
+        isolates every pod of its namespace both ways (the namespace's other policies still allow what they
+        allow) until the value is mended or deleted. Treating it as absent could open what it isolated."""
+        everything = Selector()
+        selected = frozenset(self.world.select([key[0]], everything))
+        error = f"stored value cannot be read ({reason}): every pod of namespace {key[0]} isolated both ways"
+        cp = CompiledPolicy(key[0], key[1], (INGRESS, EGRESS), selected, error=error)
+        return _Entry(reason, cp, everything)
 
     def _compile(self, pol: m.Policy, used: list[str]) -> tuple[CompiledPolicy, Selector]:
         ident = f"{pol.namespace}/{pol.name}"
@@ -420,6 +439,20 @@ class PolicyCompiler:
             )
             fill = [x for k in pods for x in d.contributions(self.world.pods[k])]
         return PortMatch(port.protocol, named_set=self._use(d, used, fill), text=port.text())
+
+
+def _reads_namespace_labels(pol: m.Policy) -> bool:
+    """Whether a namespaceSelector of ``pol`` reads labels a namespace record carries (the name label is implied)."""
+    try:
+        spec = parse_spec(pol.spec)
+    except PolicyError:
+        return False
+    return any(
+        peer.namespaces is not None and any(r.key != NAME_LABEL for r in peer.namespaces.requirements)
+        for direction in spec.directions
+        for rule in spec.rules(direction)
+        for peer in rule.peers or ()
+    )
 
 
 def compile_policies(snap: Snapshot) -> Compiled:

@@ -25,6 +25,8 @@ class PodView:
     ips: tuple[str, ...]  # IPv4 only: the dataplane programs IPv4 iptables and ipsets
     node: str | None
     named_ports: tuple[m.NamedPort, ...] = ()
+    # Why the agent cannot give this pod verdicts yet (None: it can). Such a pod gets no traffic either way.
+    pending: str | None = None
 
     @property
     def key(self) -> PodKey:
@@ -48,14 +50,23 @@ def _ipv4(addrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+POD_PENDING = "pod record not yet known: no traffic in either direction until it arrives"
+NAMESPACE_PENDING = (
+    "namespace record not yet known and a namespaceSelector needs its labels: no traffic in either direction until"
+    " it arrives"
+)
+
+
 def pod_view(key: PodKey, pod: m.Pod | None, endpoints: Iterable[m.Endpoint]) -> PodView | None:
     """A pod as policy sees it, from its object and its endpoints. An endpoint whose pod object has not arrived yet
-    is still a pod: one without labels we know of."""
+    (the CNI writes endpoints, the controller pods: nothing orders them) is a pod whose labels we do not know, so
+    no verdict about it can be trusted: it is ``pending`` and isolated both ways (fail closed)."""
     eps = list(endpoints)
     if pod is None:
         if not eps:
             return None
-        return PodView(key[0], key[1], {}, _ipv4(ip for ep in eps for ip in ep.ips), eps[0].node)
+        ips = _ipv4(ip for ep in eps for ip in ep.ips)
+        return PodView(key[0], key[1], {}, ips, eps[0].node, pending=POD_PENDING)
     ips = _ipv4([*pod.ips, *(ip for ep in eps for ip in ep.ips)])
     node = pod.node or next((ep.node for ep in eps), None)
     return PodView(pod.namespace, pod.name, dict(pod.labels), ips, node, pod.named_ports)
@@ -92,6 +103,9 @@ class World:
 
     pods: dict[PodKey, PodView] = field(default_factory=dict)
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    recorded_namespaces: frozenset[str] = frozenset()  # namespaces whose record (with its labels) is known
+    # Some policy's namespaceSelector reads namespace labels: a pod whose namespace record is missing is pending.
+    ns_labels_needed: bool = False
     node_addresses: dict[str, frozenset[str]] = field(default_factory=dict)
     # Ordered sets (dicts with None values) so removal is O(1).
     _by_ns: dict[str, dict[PodKey, None]] = field(default_factory=dict)
@@ -101,7 +115,11 @@ class World:
 
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> World:
-        w = cls(ns_labels=namespace_labels(snap), node_addresses=node_addresses(snap))
+        w = cls(
+            ns_labels=namespace_labels(snap),
+            node_addresses=node_addresses(snap),
+            recorded_namespaces=frozenset(snap.namespaces),
+        )
         eps: dict[PodKey, list[m.Endpoint]] = defaultdict(list)
         for ep in snap.endpoints.values():
             eps[(ep.namespace, ep.pod)].append(ep)
@@ -130,6 +148,15 @@ class World:
         for p in view.named_ports:
             self._by_port_name[p.name].pop(key, None)
         return view
+
+    def pending(self, key: PodKey) -> str | None:
+        """Why ``key`` gets no traffic yet (fail closed), or None when its verdicts can be computed."""
+        view = self.pods.get(key)
+        if view is None or view.pending is not None:
+            return view.pending if view is not None else POD_PENDING
+        if self.ns_labels_needed and key[0] not in self.recorded_namespaces:
+            return NAMESPACE_PENDING
+        return None
 
     def namespaces_matching(self, sel: Selector) -> list[str]:
         text = sel.text()
