@@ -1,10 +1,11 @@
 """Golden text: representative policies compiled for node1 and rendered by the dataplane's own renderer into the
-exact ``ipset restore`` and ``iptables-restore`` input a first sync writes. Regenerate after an intended change
-with ``PODNET_UPDATE_GOLDEN=1 pytest tests/unit/test_policy_golden.py`` and review the diff."""
+exact ``ipset restore`` and ``iptables-restore`` input a first sync writes. The test only compares: after an
+intended change, regenerate the files with ``scripts/update-golden`` (a separate command that no test run and no CI
+step calls) and review the diff."""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +86,30 @@ def render(state: DataplaneState) -> str:
     return f"# ipset restore\n{sets}# iptables-restore\n{tables}"
 
 
+def golden_path(case: str) -> Path:
+    return GOLDEN / f"policy_{case}.txt"
+
+
+def expected(case: str) -> str:
+    """What the compiler and renderer give for ``case`` today (what ``scripts/update-golden`` writes)."""
+    snap = snapshot(*(policy(ns, name, spec) for ns, name, spec in POLICIES[case]))
+    return render(compile_node(snap, "node1").state)
+
+
 @pytest.mark.parametrize("case", sorted(POLICIES))
 def test_golden(case: str) -> None:
-    snap = snapshot(*(policy(ns, name, spec) for ns, name, spec in POLICIES[case]))
-    text = render(compile_node(snap, "node1").state)
-    path = GOLDEN / f"policy_{case}.txt"
-    if os.environ.get("PODNET_UPDATE_GOLDEN"):
-        path.write_text(text)
-    assert text == path.read_text()
+    assert expected(case) == golden_path(case).read_text(), "intended? regenerate with scripts/update-golden"
+
+
+def test_a_test_run_never_rewrites_the_golden_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Whatever the environment says (tox passes PODNET_* variables through), a mismatch fails and the file stays."""
+    monkeypatch.setenv("PODNET_UPDATE_GOLDEN", "1")
+    monkeypatch.setattr(sys.modules[__name__], "GOLDEN", tmp_path)
+    stale = golden_path("no_policy")
+    stale.write_text("stale\n")
+    with pytest.raises(AssertionError):
+        test_golden("no_policy")
+    assert stale.read_text() == "stale\n"
 
 
 def test_many_endpoints_dispatch_as_a_tree() -> None:
