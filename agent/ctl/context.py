@@ -8,19 +8,20 @@ from dataclasses import dataclass, field
 
 import click
 
-from datastore.etcd import EtcdClient
+from datastore.etcd import DEFAULT_TIMEOUT, EtcdClient
 
 
 @dataclass
 class CtlContext:
     endpoints: list[str]
     node: str
+    timeout: float = DEFAULT_TIMEOUT  # seconds per etcd request
     _client: EtcdClient | None = field(default=None, repr=False)
 
     @property
     def client(self) -> EtcdClient:
         if self._client is None:
-            self._client = EtcdClient(self.endpoints)
+            self._client = EtcdClient(self.endpoints, timeout=self.timeout)
         return self._client
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ from agent.ctl.context import CtlContext, output_option, pass_ctl
 from agent.ctl.output import emit, table
 from datastore import keys as k
 from datastore import model as m
-from datastore.errors import DatastoreError
 from datastore.fields import ModelError
 from datastore.store import Store
 from ipam.allocator import Ipam
@@ -28,13 +27,11 @@ from ipam.pools import add_pool, delete_pool, list_pools
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """IPAM and datastore failures become one clear line and exit status 1."""
+    """IPAM failures become one clear line and exit status 1 (etcd failures: the top group does it)."""
     try:
         yield
     except (IpamError, ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    except DatastoreError as exc:
-        raise click.ClickException(f"datastore: {exc}") from None
 
 
 @click.group("ipam")
@@ -221,18 +218,31 @@ def check_cmd(ctx: click.Context, ctl: CtlContext, output: str) -> None:
         ctx.exit(1)
 
 
+def _holders(store: Store, ip: str) -> list[m.Endpoint]:
+    """The endpoints (live pod attachments) that use ``ip``."""
+    addr = ipaddress.ip_address(ip)
+    endpoints = (v.value for v in store.list(k.ENDPOINTS_PREFIX, m.Endpoint))
+    return [ep for ep in endpoints if any(ipaddress.ip_interface(a).ip == addr for a in ep.ips)]
+
+
 @ipam_group.command("release")
-@click.option("--ip", "ip", default=None, help="Release this address, whoever holds it.")
+@click.option("--ip", "ip", default=None, help="Release this address (refused while an endpoint uses it).")
 @click.option("--handle", "handle", default=None, help="Release every address of this handle.")
+@click.option("--force", is_flag=True, help="Release the address even though a live endpoint uses it.")
 @pass_ctl
-def release(ctl: CtlContext, ip: str | None, handle: str | None) -> None:
-    """Release an address or a handle (idempotent)."""
+def release(ctl: CtlContext, ip: str | None, handle: str | None, force: bool) -> None:
+    """Release an address or a handle (idempotent). An address a pod's endpoint still uses is not released without
+    --force: the next pod would get it while the first still answers on it."""
     if (ip is None) == (handle is None):
         raise click.UsageError("give exactly one of --ip or --handle")
     with _errors():
         ipam = Ipam(ctl.client)
         if ip is not None:
-            ipaddress.ip_address(ip)
+            ip = str(ipaddress.ip_address(ip))
+            holders = _holders(Store(ctl.client), ip)
+            if holders and not force:
+                pods = ", ".join(f"{e.namespace}/{e.pod} (node {e.node}, {e.host_iface})" for e in holders)
+                raise click.ClickException(f"{ip} is in use by pod {pods}: not released (--force releases it anyway)")
             holder = ipam.release_ip(ip)
             click.echo(f"released {ip} (handle {holder})" if holder else f"{ip} was not allocated")
         else:

@@ -1,18 +1,74 @@
-"""Entry point of `agentctl`, the operator's CLI. Sub-command groups live in their own modules."""
+"""Entry point of `agentctl`, the operator's CLI. Sub-command groups live in their own modules.
+
+Every failure reaches the operator as one line on stderr and a non-zero exit status, never as a traceback: etcd
+errors are turned into click errors where the top group invokes its sub-command (so tests through click's runner
+see the same as a shell), and ``main`` catches whatever is left. ``--debug`` lets the traceback through.
+"""
 
 from __future__ import annotations
 
 import sys
+from importlib import metadata
+from typing import Any
 
 import click
 
 from agent.ctl import bgp as bgp_cmds
 from agent.ctl import policy as policy_cmds
+from agent.ctl import resources as resource_cmds
 from agent.ctl.context import CtlContext, default_node
 from agent.ctl.ipam import ipam_group
+from datastore.errors import DatastoreError, Unavailable
+from datastore.etcd import DEFAULT_TIMEOUT
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def version() -> str:
+    try:
+        return metadata.version("podnet")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def etcd_error(exc: DatastoreError, endpoints: str, timeout: float) -> str:
+    """What an etcd failure means to the operator, naming the endpoints tried."""
+    if isinstance(exc, Unavailable):
+        detail = str(exc).removeprefix("etcd unavailable: ")
+        return _one_line(f"cannot reach etcd at {endpoints} (timeout {timeout:g} s): {detail}")
+    return _one_line(f"etcd at {endpoints}: {exc}")
+
+
+class CtlGroup(click.Group):
+    """The top group: turns failures of any sub-command into one-line click errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except DatastoreError as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(
+                etcd_error(exc, ctx.params.get("etcd_endpoints", "?"), ctx.params.get("timeout", DEFAULT_TIMEOUT))
+            ) from None
+        except UnicodeDecodeError as exc:
+            if ctx.params.get("debug"):
+                raise
+            # Keys and values are UTF-8 by contract; a foreign writer can break that.
+            raise click.ClickException(_one_line(f"etcd holds a key or value that is not UTF-8: {exc}")) from None
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(
+                _one_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            ) from None
+
+
+@click.group(cls=CtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--etcd-endpoints",
     envvar="PODNET_ETCD_ENDPOINTS",
@@ -21,21 +77,45 @@ from agent.ctl.ipam import ipam_group
     help="Comma-separated etcd endpoints (host:port).",
 )
 @click.option("--node", envvar="PODNET_NODE_NAME", default=None, help="This node's name (default: hostname).")
+@click.option(
+    "--timeout",
+    envvar="PODNET_ETCD_TIMEOUT",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for each etcd request.",
+)
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an unexpected error.")
+@click.version_option(version(), "--version", prog_name="agentctl", message="%(prog)s (podnet) %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, etcd_endpoints: str, node: str | None) -> None:
+def cli(ctx: click.Context, etcd_endpoints: str, node: str | None, timeout: float, debug: bool) -> None:
     """Inspect and operate podnet: BGP status, routes, IPAM, policy."""
-    ctl = CtlContext([e.strip() for e in etcd_endpoints.split(",") if e.strip()], node or default_node())
+    ctl = CtlContext([e.strip() for e in etcd_endpoints.split(",") if e.strip()], node or default_node(), timeout)
     ctx.obj = ctl
     ctx.call_on_close(ctl.close)
 
 
+@click.command("version")
+def version_cmd() -> None:
+    """The installed podnet version (needs no etcd)."""
+    click.echo(f"agentctl (podnet) {version()}")
+
+
 # Command groups, one module per topic (agent/ctl/<topic>.py), registered here.
-COMMANDS: list[click.Command] = [bgp_cmds.status, bgp_cmds.routes, ipam_group, *policy_cmds.COMMANDS]
+COMMANDS: list[click.Command] = [
+    bgp_cmds.status,
+    bgp_cmds.routes,
+    ipam_group,
+    policy_cmds.policy_group,
+    *resource_cmds.COMMANDS,
+    version_cmd,
+]
 for command in COMMANDS:
     cli.add_command(command)
 
 
 def main() -> int:
+    debug = "--debug" in sys.argv[1:]
     try:
         rc = cli.main(prog_name="agentctl", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -44,6 +124,14 @@ def main() -> int:
         exc.show()
         return exc.exit_code
     except click.exceptions.Abort:
+        return 1
+    except KeyboardInterrupt:
+        click.echo("Aborted.", err=True)
+        return 130
+    except Exception as exc:  # what escaped the group (option parsing, closing the client)
+        if debug:
+            raise
+        click.echo(_one_line(f"Error: unexpected {type(exc).__name__}: {exc}"), err=True)
         return 1
     # Without standalone mode click returns the code of a command's ctx.exit(n) instead of raising it.
     return rc if isinstance(rc, int) else 0
