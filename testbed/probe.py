@@ -4,6 +4,9 @@ python -m testbed.probe serve tcp|udp HOST PORT        prints "ready", answers u
 python -m testbed.probe serve-many tcp/PORT|udp/PORT ...  one process answering on every port; prints "ready"
 python -m testbed.probe connect tcp|udp HOST PORT TIMEOUT   exit 0 if answered, 1 if not
 python -m testbed.probe sweep tcp|udp PORT TIMEOUT IP ...  tries every IP at once; prints one 1 (answered) or 0 each
+python -m testbed.probe count PORT                     prints "ready", then one line per UDP datagram received
+python -m testbed.probe stream HOST PORT INTERVAL      sends numbered UDP datagrams, each from a new socket
+                                                       (a new flow, so every one meets the policy), until killed
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import selectors
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 ANSWER = b"podnet-probe-ok"
@@ -93,7 +97,31 @@ def _sweep(proto: str, port: int, timeout: float, hosts: list[str]) -> str:
     return "".join("1" if g else "0" for g in got)
 
 
+def _count(port: int) -> None:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("0.0.0.0", port))
+    print("ready", flush=True)
+    while True:
+        data, peer = srv.recvfrom(2048)
+        print(f"{peer[0]} {data.decode(errors='replace')}", flush=True)
+
+
+def _stream(host: str, port: int, interval: float) -> None:
+    n = 0
+    while True:
+        n += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.sendto(str(n).encode(), (host, port))
+        time.sleep(interval)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "count":
+        _count(int(argv[1]))
+        return 0
+    if len(argv) == 4 and argv[0] == "stream":
+        _stream(argv[1], int(argv[2]), float(argv[3]))
+        return 0
     if len(argv) >= 2 and argv[0] == "serve-many":
         _serve_many(argv[1:])
         return 0
