@@ -1,6 +1,7 @@
 """agentctl never answers with a traceback: every sub-command (enumerated from the click group, so a new one is
 covered without editing this file) against an etcd that is down or hangs, and against keys it cannot read, ends
-with one line on stderr that names etcd and a non-zero exit status. Run as an operator runs it: a new process."""
+with one line on stderr that names etcd and a non-zero exit status. Through click's runner for the whole list, and
+as an operator runs it (a new process, the console script's ``main``) for a few."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ pytestmark = pytest.mark.integration
 OFFLINE = {("version",)}
 # Values for required parameters, by parameter name. A new command whose required parameter is not here fails the
 # test with a usage error: add a sample.
-SAMPLES = {"cidr": "10.99.0.0/16", "path": "-", "src": "nsa/a", "dst": "nsa/b", "port": "80/TCP"}
-# Options a command needs although none is required on its own (one of several).
-EXTRA = {("ipam", "release"): ["--ip", "10.244.0.5"], ("policy", "explain"): ["--pod", "nsa/a"]}
+SAMPLES = {"cidr": "10.99.0.0/16", "path": "-"}
+# Options a command needs although none is required on its own (one of several): each way is run.
+EXTRA = {
+    ("ipam", "release"): [["--ip", "10.244.0.5"], ["--handle", "h-a"]],
+    ("policy", "explain"): [["--pod", "nsa/a"], ["--from", "nsa/a", "--to", "nsa/b", "--port", "80/TCP"]],
+}
 MANIFEST = "apiVersion: v1\nkind: Namespace\nmetadata: {name: nsa}\n"
 
 
@@ -48,7 +52,7 @@ def invocations() -> list[list[str]]:
     """Every leaf command with its required parameters filled in; a choice argument once per choice."""
     out: list[list[str]] = []
     for path, cmd in leaf_commands(cli):
-        variants: list[list[str]] = [[*path, *EXTRA.get(path, [])]]
+        variants = [[*path, *extra] for extra in EXTRA.get(path, [[]])]
         for param in cmd.params:
             if not param.required:
                 continue
