@@ -3,14 +3,18 @@
     .venv/bin/python bench/policy_latency.py [--sizes 2000:200,10000:1000] [--changes 20] [--backend nft]
 
 For each size (pods:policies) a child process (so its peak RSS is its own) fills a fresh etcd with a synthetic
-cluster (bench/policy_model.py; 100 pods local to the node), then runs the real agent path: datastore watcher →
+cluster (bench/policy_model.py: 100 pods per node, every pod with its endpoint on its own node, node records, pool,
+blocks and affinities; the measured node is one of them), then runs the real agent path: datastore watcher →
 cache → incremental compiler (agent.calc.policy.PolicyCompiler) → PolicySyncer → iptables-restore / ipset restore
 into a node network namespace. It measures
 
 - cold sync: from the cache being in sync to the rules in the kernel, split into compile and write; and the time
   a bare ``ipset restore`` + ``iptables-restore`` of the same final text takes in a fresh namespace (the floor);
-- changes: one pod relabelled or one policy's port changed (alternating) → etcd put → rules in the kernel
-  (``iptables-restore`` returned), p50/p99, split into compile and write;
+- changes, in turn: a local pod relabelled, one policy's port changed, a pod on another node relabelled → etcd
+  put → rules in the kernel (``iptables-restore`` returned), p50/p99, split into the cache snapshot, compile and
+  write; p50 / p99 per kind;
+- a policy whose ingress lists ``--ipblocks`` ipBlock CIDRs (an allow-list of customer networks, /16 to /32, some
+  with excepts; selecting a local pod): put → kernel, one CIDR edited → kernel, deleted → kernel;
 - the peak RSS of the child.
 
 Appends a table to bench/results/policy.md.
@@ -28,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +43,8 @@ from agent.dataplane.cmd import Runner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
 from agent.dataplane.programmer import PolicyDataplane
 from bench import netns_lock
-from bench.policy_model import synthetic
+from bench.machine import describe
+from bench.policy_model import customer_networks, synthetic
 from datastore import codec
 from datastore import model as m
 from datastore.etcd import EtcdClient, Put
@@ -56,16 +62,17 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -> dict[str, float]:
+def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str, ipblocks: int) -> dict[str, Any]:
     client = EtcdClient([endpoint])
     client.delete_prefix("/")
     cluster = synthetic(pods, policies, NODE, LOCAL)
-    objs: list[codec.Model] = [*cluster.namespaces, *cluster.pods, *cluster.policies, *cluster.endpoints]
+    objs = cluster.objects()
     for i in range(0, len(objs), 100):
         client.txn([], [Put(codec.key_of(o).path, codec.encode(o)) for o in objs[i : i + 100]])
     store = Store(client)
 
     compile_s: dict[int, float] = {}  # revision -> compile seconds
+    snapshot_s: dict[int, float] = {}  # revision -> seconds the cache took to hand out the snapshot
     reports: list[tuple[float, SyncReport]] = []
     cond = threading.Condition()
 
@@ -76,12 +83,14 @@ def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -
         compiler = PolicyCompiler()  # incremental, as the agent runs it
 
         def desired() -> Desired | None:
+            t0 = time.perf_counter()
             snap = cache_ref[0].snapshot()
             if not snap.in_sync:
                 return None
             t = time.perf_counter()
             state = compile_node(snap, NODE, compiler).state
             compile_s[snap.revision] = time.perf_counter() - t
+            snapshot_s[snap.revision] = t - t0
             return Desired(snap.revision, state)
 
         def on_synced(r: SyncReport) -> None:
@@ -135,21 +144,27 @@ def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -
             spawn.append(time.perf_counter() - t)
         cold["spawn_s"] = statistics.median(spawn)
 
-        # Changes: relabel a local pod (its sets change), or change one policy's port (its chain changes).
+        # Changes: relabel a local pod (its sets change), change one policy's port (its chain changes), relabel a
+        # pod of another node (sets with its IP change; in a cluster of N nodes, N-1 of N pod changes are these).
         lat: list[float] = []
+        snap_t: list[float] = []
         comp: list[float] = []
         write: list[float] = []
         kinds: list[str] = []
         local_pods = [p for p in cluster.pods if p.node == NODE]
+        remote_pods = [p for p in cluster.pods if p.node != NODE] or local_pods
         port_policies = [p for p in cluster.policies if "ports" in json.dumps(p.spec) and "ingress" in p.spec]
         for i in range(changes):
-            if i % 2 == 0:
-                p = local_pods[(i // 2) % len(local_pods)]
+            obj: codec.Model
+            if i % 3 != 1:
+                p = (local_pods if i % 3 == 0 else remote_pods)[
+                    (i * 7919) % len(local_pods if i % 3 == 0 else remote_pods)
+                ]
                 labels = dict(p.labels, app="relabelled" if p.labels.get("app") != "relabelled" else "web")
-                obj: codec.Model = m.Pod(p.namespace, p.name, labels, p.ips, p.node, p.named_ports)
-                kinds.append("pod")
+                obj = m.Pod(p.namespace, p.name, labels, p.ips, p.node, p.named_ports)
+                kinds.append("local pod" if i % 3 == 0 else "remote pod")
             else:
-                pol = port_policies[(i // 2) % len(port_policies)]
+                pol = port_policies[(i // 3) % len(port_policies)]
                 spec = json.loads(json.dumps(pol.spec))
                 spec["ingress"][0]["ports"][0]["port"] = 20000 + i
                 obj = m.Policy(pol.namespace, pol.name, spec)
@@ -158,9 +173,44 @@ def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -
             rev = store.put(obj)
             t_done, r = wait_for(rev)
             lat.append(t_done - t)
+            snap_t.append(snapshot_s.get(r.revision, float("nan")))
             comp.append(compile_s.get(r.revision, float("nan")))
             write.append(r.seconds)
             time.sleep(0.05)
+        by_kind = {
+            kind: [x for x, k_ in zip(lat, kinds, strict=True) if k_ == kind]
+            for kind in ("local pod", "policy", "remote pod")
+        }
+
+        # The allow-list policy: one peer list of ``ipblocks`` CIDRs, selecting the pods of ns0 (p0 is local).
+        big: dict[str, float] = {}
+        if ipblocks:
+            peers = customer_networks(ipblocks)
+            spec = {"podSelector": {}, "ingress": [{"from": peers, "ports": [{"port": 443, "protocol": "TCP"}]}]}
+            for step in ("add", "edit", "delete"):
+                t = time.perf_counter()
+                if step == "delete":
+                    store.delete(codec.key_of(m.Policy("ns0", "customers", {})))
+                    rev = rev + 1  # this etcd has no other writer: the delete is the next revision
+                else:
+                    if step == "edit":
+                        peers[0] = {"ipBlock": {"cidr": "203.0.113.0/24"}}
+                    rev = store.put(m.Policy("ns0", "customers", spec))
+                t_done, r = wait_for(rev, timeout=600)
+                big[f"ipblocks_{step}_s"] = t_done - t
+                big[f"ipblocks_{step}_compile_s"] = compile_s.get(r.revision, float("nan"))
+                big[f"ipblocks_{step}_write_s"] = r.seconds
+                if step == "add":
+                    big["ipblocks_sets"] = sum(
+                        1
+                        for line in runner.run(["ipset", "list", "-n"]).stdout.splitlines()
+                        if line.startswith("podnet-b")
+                    )
+                    big["ipblocks_rules"] = (
+                        int(runner.run(["sh", "-c", f"iptables-{backend}-save -t filter | grep -c '^-A'"]).stdout)
+                        - state_rules
+                    )
+                time.sleep(0.05)
         syncer.stop()
         cache.stop()
         PolicyDataplane(runner, Backend(backend)).remove_all()
@@ -171,13 +221,18 @@ def child(endpoint: str, pods: int, policies: int, changes: int, backend: str) -
         "rules": state_rules,
         "set_members": members,
         **cold,
+        "nodes": len(cluster.nodes),
         "p50_s": statistics.median(lat),
         "p99_s": pct(lat, 0.99),
+        "kinds": {k_: (statistics.median(v), pct(v, 0.99)) for k_, v in by_kind.items() if v},
+        "snapshot_p50_s": statistics.median(snap_t),
         "compile_p50_s": statistics.median(comp),
+        "compile_p99_s": pct(comp, 0.99),
         "write_p50_s": statistics.median(write),
         "write_p99_s": pct(write, 0.99),
         "changes": changes,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **big,
     }
 
 
@@ -186,18 +241,27 @@ def main() -> int:
     ap.add_argument("--sizes", default="2000:200,10000:1000")
     ap.add_argument("--changes", type=int, default=20)
     ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
+    ap.add_argument("--ipblocks", type=int, default=12000, help="CIDRs in the allow-list policy (0: skip)")
+    ap.add_argument("--note", default="", help="a word for the results header (e.g. before / after a change)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         endpoint, pods, policies = args.child.split(",")
-        print(json.dumps(child(endpoint, int(pods), int(policies), args.changes, args.backend)))
+        print(
+            json.dumps(
+                child(endpoint, int(pods), int(policies), args.changes, backend=args.backend, ipblocks=args.ipblocks)
+            )
+        )
         return 0
 
     lock = netns_lock.hold()  # noqa: F841 - held until the process exits
     load_before = os.getloadavg()[0]
+    # The code measured: this checkout's head, or (for a run from an exported tree) what BENCH_HEAD says.
+    git = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=False)
+    head = os.environ.get("BENCH_HEAD") or git.stdout.strip()[:90]
     server = EtcdServer().start()
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for size in args.sizes.split(","):
             pods, policies = size.split(":")
@@ -211,6 +275,8 @@ def main() -> int:
                     str(args.changes),
                     "--backend",
                     args.backend,
+                    "--ipblocks",
+                    str(args.ipblocks),
                 ],
                 capture_output=True,
                 text=True,
@@ -227,24 +293,47 @@ def main() -> int:
 
     ms = 1000.0
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    note = f", {args.note}" if args.note else ""
     lines = [
-        f"### Programming latency, {stamp} UTC (iptables-{args.backend}, {args.changes} changes per size, "
-        f"{LOCAL} local pods, real etcd → cache → compiler → writers)",
+        f"### Programming latency, {stamp} UTC{note} (new model: endpoints on every node, {LOCAL} pods per node; "
+        f"iptables-{args.backend}, {args.changes} changes per size; real etcd → cache → compiler → writers)",
         "",
-        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after.",
+        f"{describe(load_before)}; head `{head}`.",
         "",
-        "| pods / policies | rules / set members | change → kernel p50 / p99 | of which compile p50 | write p50 / p99 "
-        "| cold sync: compile + write | restore floor | write / floor | peak RSS | one `ip netns exec true` |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| pods / policies / nodes | rules / set members | change → kernel p50 / p99 | local pod / policy / remote pod "
+        "p50 (p99) | of which snapshot / compile p50 | compile p99 | write p50 / p99 | cold sync: compile + write "
+        "| restore floor | write / floor | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        kinds = " / ".join(f"{v[0] * ms:.0f} ({v[1] * ms:.0f})" for v in r["kinds"].values())
         lines.append(
-            f"| {r['pods']} / {r['policies']} | {r['rules']} / {r['set_members']} "
-            f"| {r['p50_s'] * ms:.0f} / {r['p99_s'] * ms:.0f} ms | {r['compile_p50_s'] * ms:.0f} ms "
+            f"| {r['pods']} / {r['policies']} / {r['nodes']} | {r['rules']} / {r['set_members']} "
+            f"| {r['p50_s'] * ms:.0f} / {r['p99_s'] * ms:.0f} ms | {kinds} ms "
+            f"| {r['snapshot_p50_s'] * ms:.1f} / {r['compile_p50_s'] * ms:.1f} ms | {r['compile_p99_s'] * ms:.0f} ms "
             f"| {r['write_p50_s'] * ms:.1f} / {r['write_p99_s'] * ms:.1f} ms "
             f"| {r['cold_compile_s'] * ms:.0f} + {r['cold_write_s'] * ms:.0f} ms | {r['floor_s'] * ms:.0f} ms "
-            f"| {r['cold_write_s'] / r['floor_s']:.2f}x | {r['peak_rss_mb']:.0f} MB | {r['spawn_s'] * ms:.1f} ms |"
+            f"| {r['cold_write_s'] / r['floor_s']:.2f}x | {r['peak_rss_mb']:.0f} MB |"
         )
+    if args.ipblocks:
+        lines += [
+            "",
+            f"A policy whose one ingress peer list has {args.ipblocks} ipBlock CIDRs (/16-/32, some with excepts), "
+            "put → kernel, one CIDR edited → kernel, deleted → kernel (compile + write):",
+            "",
+            "| pods / policies | ipBlock sets / rules it added | put | edit | delete |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [
+                f"{r[f'ipblocks_{s}_s']:.2f} s ({r[f'ipblocks_{s}_compile_s']:.2f} + {r[f'ipblocks_{s}_write_s']:.2f})"
+                for s in ("add", "edit", "delete")
+            ]
+            lines.append(
+                f"| {r['pods']} / {r['policies']} | {r['ipblocks_sets']} / {r['ipblocks_rules']} | "
+                + " | ".join(cells)
+                + " |"
+            )
     text = "\n".join([*lines, ""])
     print(text)
     if not args.no_write:
