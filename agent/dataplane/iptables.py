@@ -27,8 +27,15 @@ class RestoreError(RuntimeError):
     def __init__(self, table: str, message: str, line: str | None) -> None:
         self.table = table
         self.line = line
+        self.reason = kernel_reason(message)
         where = f" at {line!r}" if line else ""
         super().__init__(f"iptables-restore of table {table} failed{where}: {message}")
+
+
+def kernel_reason(stderr: str) -> str:
+    """The tool's complaint in one line, without its usage hint (what a refused policy's status shows)."""
+    keep = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("Try `")]
+    return "; ".join(keep)[:300]
 
 
 def is_commit_contention(stderr: str, text: str) -> bool:
@@ -53,6 +60,10 @@ class Iptables:
 
     def save(self, table: str) -> str:
         return self.runner.run([self.backend.save, "-t", table]).stdout
+
+    def save_all(self) -> str:
+        """Every table the kernel holds (without ``-t``, legacy does not instantiate a table just to list it)."""
+        return self.runner.run([self.backend.save]).stdout
 
     def start_listing(self, wanted: dict[str, list[str]]) -> Listing:
         """Start reading the rules of several chains (table -> chain names) with one process start, without waiting

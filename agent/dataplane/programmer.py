@@ -9,21 +9,30 @@ memory is dropped and the next sync is a full one.
 The incremental re-check of the built-in chains is started in the background when the sync starts and collected
 when its writes are done (it would otherwise be a third of a change's time): the writes are planned from the
 built-in chains as last read, and a jump found moved or deleted is put back in a second transaction at once.
+
+A table's transaction that the kernel refuses (a rule it will not take) is narrowed down: every chain it takes is
+written, each refused chain is written as a placeholder that lets nothing through (``render.refused_placeholder``)
+and reported in ``SyncResult.refused``; it stays so, without being retried, until its desired content changes.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
-from agent.calc.state import DataplaneState, IpSet
+from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend, detect
 from agent.dataplane.cmd import Runner
 from agent.dataplane.ipset import Ipset
-from agent.dataplane.iptables import Iptables, Listing
+from agent.dataplane.iptables import Iptables, Listing, RestoreError
 from agent.dataplane.render import (
+    BUILTIN_CHAINS,
     KernelSet,
+    TablePlan,
     after_jump_fixes,
+    chain_lines,
+    chain_of_line,
     check_names,
     is_our_jump,
     maxelem_for,
@@ -33,10 +42,13 @@ from agent.dataplane.render import (
     plan_ipsets,
     plan_table,
     referencing_chains,
+    refused_placeholder,
     retype_ipset_texts,
     rewrite_chains,
     rule_hashes,
+    rule_target,
     temp_name,
+    transaction,
     with_jumps_reasserted,
 )
 
@@ -53,6 +65,9 @@ class SyncResult:
     sets_rebuilt: list[str] = field(default_factory=list)
     sets_destroyed: int = 0
     stale_found: int = 0  # stale chains, jumps and sets seen and left for a cleanup pass
+    # "table/chain" -> the kernel's reason: chains held as placeholders because the kernel refused their content
+    # (this sync's refusals and earlier ones whose desired content has not changed since)
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def wrote(self) -> bool:
@@ -75,6 +90,9 @@ class PolicyDataplane:
         self._builtin: dict[str, dict[str, list[str]]] = {}  # table -> built-in chain -> rules, as last read
         self._sets: dict[str, KernelSet] | None = None
         self._written_sets: dict[str, IpSet] = {}  # the desired sets as last written, to skip unchanged ones
+        # (table, chain) -> (hashes of the desired content the kernel refused, its reason). Not kernel state, so it
+        # survives forget(): the content is not retried until it changes (or the process restarts).
+        self._refused: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
 
     def forget(self) -> None:
         self._chains = None
@@ -96,13 +114,35 @@ class PolicyDataplane:
             # it all back and repair now rather than on the next retry.
             log.warning("incremental sync failed, doing a full one: %s", exc)
             return self.apply(desired, full=True, delete_stale=delete_stale)
+        result.refused = {f"{t}/{c}": reason for (t, c), (_, reason) in sorted(self._refused.items())}
         return result
+
+    def _substitute_refused(self, desired: DataplaneState) -> DataplaneState:
+        """``desired`` with each chain whose content the kernel refused before replaced by its placeholder; a
+        refusal whose chain is gone or changed is forgotten (the new content gets its try)."""
+        swapped: dict[str, dict[str, Chain]] = {}
+        for (table, name), (hashes, _) in list(self._refused.items()):
+            chain = desired.tables.get(table, {}).get(name)
+            if chain is None or rule_hashes(chain) != hashes:
+                del self._refused[(table, name)]
+                continue
+            swapped.setdefault(table, dict(desired.tables[table]))[name] = self._placeholder(table, name, desired.jumps)
+        return replace(desired, tables={**desired.tables, **swapped}) if swapped else desired
+
+    @staticmethod
+    def _placeholder(table: str, name: str, jumps: Iterable[KernelJump]) -> Chain:
+        # A chain a built-in chain jumps to sees all of the node's traffic: a DROP there would cut the node off, so
+        # it is left empty (returns) instead; the chains below it are what isolate pods.
+        if any(j.table == table and rule_target(j.rule) == name for j in jumps):
+            return Chain(name, ())
+        return refused_placeholder(name)
 
     def remove_all(self) -> SyncResult:
         """Delete every podnet jump, chain and ipset (uninstall); foreign rules stay as they are."""
         return self.apply(DataplaneState(), full=True, delete_stale=True)
 
-    def _apply(self, desired: DataplaneState, full: bool, delete_stale: bool, result: SyncResult) -> None:
+    def _apply(self, wanted: DataplaneState, full: bool, delete_stale: bool, result: SyncResult) -> None:
+        desired = self._substitute_refused(wanted)
         tables = sorted({"filter", *desired.tables, *(self._chains or {}), *(t for t, _ in self._jumps)})
         builtin: dict[str, dict[str, list[str]]] = {}
         recheck: dict[str, list[str]] = {}
@@ -110,8 +150,18 @@ class PolicyDataplane:
             chains: dict[str, dict[str, tuple[str, ...]]] = {}
             jumps: set[tuple[str, str]] = set()
             saved_sets = self.ipset.start_save()
+            # Every table at once: a table holding podnet chains or jumps is ours to adopt or clean up even when
+            # nothing is desired there any more (the nat table after natOutgoing was switched off).
+            views = parse_save(self.iptables.save_all())
+            held = {
+                t
+                for t, v in views.items()
+                if t in BUILTIN_CHAINS
+                and (v.chains or any(map(is_our_jump, (r for rs in v.builtin.values() for r in rs))))
+            }
+            tables = sorted({*tables, *held})
             for table in tables:
-                view = parse_save(self.iptables.save(table)).get(table)
+                view = views.get(table)
                 chains[table] = dict(view.chains) if view else {}
                 builtin[table] = dict(view.builtin) if view else {}
             sets = saved_sets()
@@ -136,7 +186,8 @@ class PolicyDataplane:
             builtin=builtin,
             recheck=None if full else recheck,
         )
-        self._recheck_jumps(desired, delete_stale, result, listing.result())
+        # Chains refused during the writes are placeholders now: re-check the jumps against what was written.
+        self._recheck_jumps(self._substitute_refused(wanted), delete_stale, result, listing.result())
 
     def _recheck_jumps(
         self, desired: DataplaneState, delete_stale: bool, result: SyncResult, fresh: dict[str, dict[str, list[str]]]
@@ -214,11 +265,16 @@ class PolicyDataplane:
 
             for table in tables:
                 plan = plans[table]
+                refused: dict[str, Chain] = {}
                 if plan.text:
-                    self.iptables.restore(table, plan.text)
+                    try:
+                        self.iptables.restore(table, plan.text)
+                    except RestoreError as exc:
+                        refused = self._narrow(table, plan, desired, chains.get(table, {}), exc)
                     log.debug("iptables %s: wrote %s, deleted %s", table, plan.chains_written, plan.chains_deleted)
                 kept = {n: h for n, h in chains.get(table, {}).items() if not delete_stale}
-                chains[table] = {**kept, **{n: rule_hashes(c) for n, c in desired.tables.get(table, {}).items()}}
+                written = {**desired.tables.get(table, {}), **refused}
+                chains[table] = {**kept, **{n: rule_hashes(c) for n, c in written.items()}}
                 result.chains_written += [f"{table}/{c}" for c in plan.chains_written]
                 result.chains_deleted += [f"{table}/{c}" for c in plan.chains_deleted]
                 result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
@@ -241,6 +297,62 @@ class PolicyDataplane:
         self._written_sets = dict(desired.ipsets)
         self._builtin = {t: after_jump_fixes(b, desired.jumps, t, fixed.get(t, ())) for t, b in builtin.items()}
         return listing
+
+    def _narrow(
+        self,
+        table: str,
+        plan: TablePlan,
+        desired: DataplaneState,
+        existing: Collection[str],
+        failure: RestoreError,
+    ) -> dict[str, Chain]:
+        """``plan``'s transaction was refused: write every chain of it the kernel takes, each refused one as its
+        placeholder, then the plan's jump fixes and deletions. Returns the placeholders written.
+
+        The refused line names its chain when the tool says which line failed (nft does for a rule the kernel
+        refuses); otherwise (legacy reports the COMMIT) the chains are bisected. Chains not in the kernel yet are
+        first created as placeholders, so that the rest can be written a group at a time in any order."""
+        if chain_of_line(failure.line) is None and failure.line not in (None, "COMMIT"):
+            raise failure  # a jump or deletion line failed, not a chain: nothing to narrow
+        chains = desired.tables.get(table, {})
+        new = [name for name in plan.chains_written if name not in existing]
+        holders = {name: self._placeholder(table, name, desired.jumps) for name in plan.chains_written}
+
+        def fill(names: list[str], source: Mapping[str, Chain]) -> str:
+            return transaction(table, names, [line for n in names for line in chain_lines(source[n])])
+
+        if new:
+            self.iptables.restore(table, fill(new, holders))
+        refused: dict[str, str] = {}
+        todo: list[tuple[list[str], RestoreError | None]] = [(list(plan.chains_written), failure)]
+        while todo:
+            group, error = todo.pop()
+            if error is None:
+                try:
+                    self.iptables.restore(table, fill(group, chains))
+                    continue
+                except RestoreError as exc:
+                    error = exc
+            bad = chain_of_line(error.line)
+            if len(group) == 1 or bad in group:
+                name = group[0] if len(group) == 1 else str(bad)
+                refused[name] = error.reason
+                rest = [n for n in group if n != name]
+                if rest:
+                    todo.append((rest, None))
+            else:
+                half = len(group) // 2
+                todo += [(group[:half], None), (group[half:], None)]
+        before = [name for name in refused if name not in new]  # their old rules may allow what the new ones don't
+        if before:
+            self.iptables.restore(table, fill(before, holders))
+        tail = [*plan.jump_lines, *(f"-X {name}" for name in plan.chains_deleted)]
+        if tail:
+            self.iptables.restore(table, transaction(table, plan.chains_deleted, tail))
+        for name, reason in refused.items():
+            self._refused[(table, name)] = (rule_hashes(chains[name]), reason)
+            log.debug("iptables %s: chain %s refused: %s", table, name, reason)
+        return {name: holders[name] for name in refused}
 
     def _retype(
         self,

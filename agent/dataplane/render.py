@@ -144,6 +144,43 @@ class TablePlan:
     chains_deleted: tuple[str, ...]
     jumps_fixed: tuple[str, ...]  # built-in chains whose podnet jump was (re)inserted or removed
     stale_found: int = 0  # stale chains and jumps seen and left in place (delete_stale False)
+    jump_lines: tuple[str, ...] = ()  # the -D/-I lines of the built-in chains in ``text`` (kept for narrowing)
+
+
+def chain_lines(chain: Chain) -> list[str]:
+    """The ``-A`` lines that fill ``chain`` (each with its hash comment unless the chain is plain)."""
+    if not chain.hashed:
+        return [f"-A {chain.name} {rule}" for rule in chain.rules]
+    return [
+        f'-A {chain.name} -m comment --comment "{HASH_TAG}{h}" {rule}'
+        for rule, h in zip(chain.rules, rule_hashes(chain), strict=True)
+    ]
+
+
+def transaction(table: str, flush: Iterable[str], lines: Iterable[str]) -> str:
+    """``iptables-restore --noflush`` input: the chains ``flush`` are created or emptied, then ``lines`` applied."""
+    return "\n".join([f"*{table}", *(f":{name} - [0:0]" for name in flush), *lines, "COMMIT"]) + "\n"
+
+
+# What a chain the kernel refused holds instead (until its desired content changes): nothing passes through it.
+# For a policy chain the compiler's own fail-closed version follows at once (see policy_syncer.py); this is what a
+# chain that cannot be written at all, even so, keeps.
+REFUSED_RULE = "-j DROP"
+
+
+def refused_placeholder(name: str) -> Chain:
+    return Chain(name, (REFUSED_RULE,))
+
+
+def chain_of_line(line: str | None) -> str | None:
+    """Our chain an ``iptables-restore`` input line declares or appends to (None for any other line)."""
+    if not line:
+        return None
+    if line.startswith(f":{OWNED_PREFIX}"):
+        return line[1:].split(" ", 1)[0]
+    if line.startswith(f"-A {OWNED_PREFIX}"):
+        return line.split(" ", 2)[1]
+    return None
 
 
 def plan_table(
@@ -193,18 +230,11 @@ def plan_table(
     left = 0 if delete_stale else len(all_stale) + stale_jumps
     if not changed and not stale and not jump_lines:
         return TablePlan(table, "", (), (), (), left)
-    lines = [f"*{table}"]
-    lines += [f":{name} - [0:0]" for name in [*changed, *stale]]
-    for name in changed:
-        for rule, h in zip(desired[name].rules, want[name], strict=True):
-            if desired[name].hashed:
-                lines.append(f'-A {name} -m comment --comment "{HASH_TAG}{h}" {rule}')
-            else:
-                lines.append(f"-A {name} {rule}")
+    lines = [line for name in changed for line in chain_lines(desired[name])]
     lines += jump_lines
     lines += [f"-X {name}" for name in stale]
-    lines.append("COMMIT")
-    return TablePlan(table, "\n".join(lines) + "\n", tuple(changed), tuple(stale), tuple(fixed), left)
+    text = transaction(table, [*changed, *stale], lines)
+    return TablePlan(table, text, tuple(changed), tuple(stale), tuple(fixed), left, tuple(jump_lines))
 
 
 def with_jumps_reasserted(plan: TablePlan, jumps: Iterable[KernelJump]) -> TablePlan:
@@ -216,7 +246,7 @@ def with_jumps_reasserted(plan: TablePlan, jumps: Iterable[KernelJump]) -> Table
     for jump in jumps:
         if jump.table == plan.table and jump.chain not in plan.jumps_fixed:
             extra += [f"-D {jump.chain} {jump.rule}", f"-I {jump.chain} 1 {jump.rule}"]
-    return replace(plan, text="\n".join([*lines[:-1], *extra, "COMMIT"]) + "\n")
+    return replace(plan, text="\n".join([*lines[:-1], *extra, "COMMIT"]) + "\n", jump_lines=(*plan.jump_lines, *extra))
 
 
 def after_jump_fixes(
