@@ -9,6 +9,14 @@ class Unavailable(DatastoreError):
     """etcd could not be reached or did not answer in time. Retryable."""
 
 
+class TimedOut(Unavailable):
+    """A call got no answer within its deadline (the member may be hung, partitioned or only slow). Retryable."""
+
+
+class Stalled(Unavailable):
+    """A watch stream stopped answering progress requests: its member is hung or cut off. Retryable elsewhere."""
+
+
 class CasConflict(DatastoreError):
     """A compare-and-swap (or create-only write) lost: someone else changed the key first."""
 

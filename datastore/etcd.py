@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,16 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
-from datastore.errors import AlreadyExists, CasConflict, Compacted, DatastoreError, LeaseLost, Unavailable
+from datastore.errors import (
+    AlreadyExists,
+    CasConflict,
+    Compacted,
+    DatastoreError,
+    LeaseLost,
+    Stalled,
+    TimedOut,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +92,24 @@ class WatchEvent:
 
 @dataclass(frozen=True)
 class WatchBatch:
-    revision: int
+    revision: int  # the member's revision when it sent the batch
     events: tuple[WatchEvent, ...]
+    created: bool = False  # the watch's first response
+
+
+def encode_key(key: str) -> bytes:
+    """A key as etcd stores it. ``surrogateescape`` round-trips keys that were not UTF-8 (see ``_kv``)."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def printable_key(key: str) -> str:
+    """A key fit for a log line: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return encode_key(key).decode("utf-8", "backslashreplace")
 
 
 def prefix_end(prefix: str) -> bytes:
     """The first key after every key that starts with ``prefix`` (etcd's range_end for a prefix)."""
-    b = bytearray(prefix.encode())
+    b = bytearray(encode_key(prefix))
     for i in range(len(b) - 1, -1, -1):
         if b[i] < 0xFF:
             b[i] += 1
@@ -98,7 +119,9 @@ def prefix_end(prefix: str) -> bytes:
 
 def _kv(raw: Any) -> KV:
     return KV(
-        key=raw.key.decode(),
+        # Anyone with write access can store a key that is not UTF-8; it must reach the watcher (which reports it
+        # as malformed) instead of raising here, so its bytes are kept as surrogates.
+        key=raw.key.decode("utf-8", "surrogateescape"),
         value=bytes(raw.value),
         mod_revision=raw.mod_revision,
         create_revision=raw.create_revision,
@@ -111,7 +134,9 @@ def translate(exc: grpc.RpcError) -> DatastoreError:
     """Map a gRPC error to podnet's hierarchy."""
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimedOut(f"etcd did not answer in time: {detail}")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable(f"etcd unavailable: {detail}")
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (detail or ""):
         return Compacted(0)
@@ -120,53 +145,126 @@ def translate(exc: grpc.RpcError) -> DatastoreError:
     return DatastoreError(f"etcd error {code}: {detail}")
 
 
-class EtcdClient:
-    """A small, typed etcd v3 client. Thread-safe (gRPC channels are)."""
+# gRPC keepalive: a member that hangs (SIGSTOP, a wedged disk) keeps its TCP connections open, so without pings a
+# stream on it waits forever. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time) and answers
+# too many with GOAWAY, hence 6 s; a dead transport is noticed within 6 + 4 s and fails every call on it. Pings
+# without calls are off: etcd's enforcement policy does not permit them and sends GOAWAY "too_many_pings" after
+# two (seen here), and an idle channel has nothing to protect: the next call has its own deadline.
+KEEPALIVE_TIME_MS = 6000
+KEEPALIVE_TIMEOUT_MS = 4000
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    # A quiet watch sends no data; gRPC's default stops pinging after two pings without data.
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+# Ask the member to refuse (and to cancel our watches) when it has no leader: a member cut off from the quorum
+# otherwise serves a watch that never delivers again. This is what etcd's own client does (WithRequireLeader).
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+# A watch stream that has said nothing for WATCH_PROGRESS_AFTER seconds is asked for a progress notification; one
+# that stays silent for WATCH_STALL_AFTER seconds is declared stalled. Both count only while someone waits on the
+# stream, so a slow consumer is never mistaken for a hung member.
+WATCH_PROGRESS_AFTER = 5.0
+WATCH_STALL_AFTER = 10.0
+
+
+class _Member:
+    """One endpoint's channel and stubs. Its channel stays open while the client lives: a failed call on one
+    member must not tear down the streams other watches have on it (they notice their own failures)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.kv = etcdrpc.KVStub(self.channel)
+        self.watch = etcdrpc.WatchStub(self.channel)
+        self.lease = etcdrpc.LeaseStub(self.channel)
+        self.maint = etcdrpc.MaintenanceStub(self.channel)
+
+
+class EtcdClient:
+    """A small, typed etcd v3 client. Thread-safe (gRPC channels are).
+
+    With several endpoints, calls go to one member at a time; a call that finds it unavailable (or gets no answer in
+    time) moves later calls to the next member. Idempotent reads are retried once there. Only the calls and watches
+    that failed move: every other stream stays where it is until it fails on its own.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        timeout: float = DEFAULT_TIMEOUT,
+        watch_progress_after: float = WATCH_PROGRESS_AFTER,
+        watch_stall_after: float = WATCH_STALL_AFTER,
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         self.endpoints = [e.removeprefix("http://") for e in endpoints]
         self.timeout = timeout
+        self.watch_progress_after = watch_progress_after
+        self.watch_stall_after = watch_stall_after
+        self.failovers = 0  # times calls moved to another member
+        self.stalls = 0  # watch streams declared stalled
         self._index = 0
         self._lock = threading.Lock()
-        self._channel: grpc.Channel | None = None
-        self._open()
+        self._members: dict[int, _Member] = {}
+        self._monitor = _StreamMonitor()
+        self._closed = False
 
-    def _open(self) -> None:
-        target = self.endpoints[self._index % len(self.endpoints)]
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)],
-        )
-        self._kv_stub = etcdrpc.KVStub(self._channel)
-        self._watch_stub = etcdrpc.WatchStub(self._channel)
-        self._lease_stub = etcdrpc.LeaseStub(self._channel)
-        self._maint_stub = etcdrpc.MaintenanceStub(self._channel)
+    @property
+    def endpoint(self) -> str:
+        """The member calls go to now."""
+        return self.endpoints[self._index]
 
-    def _failover(self) -> None:
-        """Move to the next endpoint after an Unavailable (only matters with several endpoints)."""
+    def _current(self) -> tuple[int, _Member]:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("etcd client closed")
+            i = self._index
+            member = self._members.get(i)
+            if member is None:
+                member = self._members[i] = _Member(self.endpoints[i])
+            return i, member
+
+    def _failed(self, index: int, err: DatastoreError) -> None:
+        """A call or stream on member ``index`` failed: move on, unless someone already has (so that nine watches
+        failing together move once, not nine times around the ring)."""
         if len(self.endpoints) < 2:
             return
         with self._lock:
-            old = self._channel
-            self._index += 1
-            self._open()
-        if old is not None:
-            old.close()
+            if self._index != index:
+                return
+            self._index = (index + 1) % len(self.endpoints)
+            self.failovers += 1
+            moved_to = self.endpoints[self._index]
+        log.warning("etcd %s: %s; moving to %s", self.endpoints[index], err, moved_to)
 
-    def _call(self, fn: Callable[..., Any], request: Any) -> Any:
-        try:
-            return fn(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            err = translate(exc)
-            if isinstance(err, Unavailable):
-                self._failover()
-            raise err from None
+    def _call(self, rpc: Callable[[_Member], Callable[..., Any]], request: Any, idempotent: bool = False) -> Any:
+        attempts = 2 if idempotent and len(self.endpoints) > 1 else 1
+        for attempt in range(attempts):
+            index, member = self._current()
+            try:
+                return rpc(member)(request, timeout=self.timeout, metadata=REQUIRE_LEADER)
+            except grpc.RpcError as exc:
+                err = translate(exc)
+                if isinstance(err, Unavailable):
+                    self._failed(index, err)
+                    if attempt + 1 < attempts:
+                        continue
+                raise err from None
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        with self._lock:
+            self._closed = True
+            members, self._members = list(self._members.values()), {}
+        self._monitor.close()
+        for member in members:
+            member.channel.close()
 
     def __enter__(self) -> EtcdClient:
         return self
@@ -177,20 +275,22 @@ class EtcdClient:
     # --- reads -------------------------------------------------------------------------------------------
 
     def get(self, key: str, revision: int = 0) -> KV | None:
-        resp = self._call(self._kv_stub.Range, etcdrpc.RangeRequest(key=key.encode(), revision=revision))
+        resp = self._call(
+            lambda m: m.kv.Range, etcdrpc.RangeRequest(key=encode_key(key), revision=revision), idempotent=True
+        )
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     def get_prefix(self, prefix: str, revision: int = 0) -> tuple[list[KV], int]:
         """Every key under ``prefix`` (sorted), and the revision the read was served at."""
         req = etcdrpc.RangeRequest(
-            key=prefix.encode(),
+            key=encode_key(prefix),
             range_end=prefix_end(prefix),
             revision=revision,
             sort_order=etcdrpc.RangeRequest.ASCEND,
             sort_target=etcdrpc.RangeRequest.KEY,
         )
         try:
-            resp = self._call(self._kv_stub.Range, req)
+            resp = self._call(lambda m: m.kv.Range, req, idempotent=True)
         except DatastoreError as exc:
             if "compacted" in str(exc):
                 raise Compacted(0) from None
@@ -198,13 +298,14 @@ class EtcdClient:
         return [_kv(x) for x in resp.kvs], resp.header.revision
 
     def revision(self) -> int:
-        resp = self._call(self._kv_stub.Range, etcdrpc.RangeRequest(key=b"\0", count_only=True))
+        req = etcdrpc.RangeRequest(key=b"\0", count_only=True)
+        resp = self._call(lambda m: m.kv.Range, req, idempotent=True)
         return int(resp.header.revision)
 
     # --- writes ------------------------------------------------------------------------------------------
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = self._call(self._kv_stub.Put, etcdrpc.PutRequest(key=key.encode(), value=value, lease=lease))
+        resp = self._call(lambda m: m.kv.Put, etcdrpc.PutRequest(key=encode_key(key), value=value, lease=lease))
         return int(resp.header.revision)
 
     def create(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -224,7 +325,7 @@ class EtcdClient:
     def delete(self, key: str, mod_revision: int | None = None) -> bool:
         """Delete one key; with ``mod_revision``, only if unchanged (raises ``CasConflict``). True if deleted."""
         if mod_revision is None:
-            resp = self._call(self._kv_stub.DeleteRange, etcdrpc.DeleteRangeRequest(key=key.encode()))
+            resp = self._call(lambda m: m.kv.DeleteRange, etcdrpc.DeleteRangeRequest(key=encode_key(key)))
             return bool(resp.deleted)
         result = self.txn([ModRevisionIs(key, mod_revision)], [Delete(key)])
         if not result.succeeded:
@@ -232,8 +333,8 @@ class EtcdClient:
         return True
 
     def delete_prefix(self, prefix: str) -> int:
-        req = etcdrpc.DeleteRangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
-        return int(self._call(self._kv_stub.DeleteRange, req).deleted)
+        req = etcdrpc.DeleteRangeRequest(key=encode_key(prefix), range_end=prefix_end(prefix))
+        return int(self._call(lambda m: m.kv.DeleteRange, req).deleted)
 
     def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         req = etcdrpc.TxnRequest(
@@ -241,25 +342,26 @@ class EtcdClient:
             success=[_op(o) for o in success],
             failure=[_op(o) for o in failure],
         )
-        resp = self._call(self._kv_stub.Txn, req)
+        resp = self._call(lambda m: m.kv.Txn, req)
         return TxnResult(succeeded=bool(resp.succeeded), revision=int(resp.header.revision))
 
     def compact(self, revision: int) -> None:
-        self._call(self._kv_stub.Compact, etcdrpc.CompactionRequest(revision=revision, physical=True))
+        self._call(lambda m: m.kv.Compact, etcdrpc.CompactionRequest(revision=revision, physical=True))
 
     # --- leases ------------------------------------------------------------------------------------------
 
     def grant(self, ttl: int) -> int:
-        resp = self._call(self._lease_stub.LeaseGrant, etcdrpc.LeaseGrantRequest(TTL=ttl))
+        resp = self._call(lambda m: m.lease.LeaseGrant, etcdrpc.LeaseGrantRequest(TTL=ttl))
         if resp.error:
             raise DatastoreError(f"lease grant failed: {resp.error}")
         return int(resp.ID)
 
     def keepalive_once(self, lease: int) -> int:
         """Refresh a lease; returns the new TTL. Raises ``LeaseLost`` if it has already expired."""
+        index, member = self._current()
         try:
-            responses = self._lease_stub.LeaseKeepAlive(
-                iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self.timeout
+            responses = member.lease.LeaseKeepAlive(
+                iter([etcdrpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self.timeout, metadata=REQUIRE_LEADER
             )
             ttl = 0
             for resp in responses:
@@ -268,7 +370,7 @@ class EtcdClient:
         except grpc.RpcError as exc:
             err = translate(exc)
             if isinstance(err, Unavailable):
-                self._failover()
+                self._failed(index, err)
             raise err from None
         if ttl <= 0:
             raise LeaseLost(f"lease {lease:x} has expired")
@@ -276,7 +378,7 @@ class EtcdClient:
 
     def revoke(self, lease: int) -> None:
         try:
-            self._call(self._lease_stub.LeaseRevoke, etcdrpc.LeaseRevokeRequest(ID=lease))
+            self._call(lambda m: m.lease.LeaseRevoke, etcdrpc.LeaseRevokeRequest(ID=lease))
         except LeaseLost:
             pass
         except DatastoreError as exc:
@@ -290,26 +392,36 @@ class EtcdClient:
     # --- watch -------------------------------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int) -> WatchStream:
-        return WatchStream(self, prefix, start_revision)
+        index, member = self._current()
+        stream = WatchStream(member, prefix, start_revision, self.watch_progress_after, self.watch_stall_after)
+        stream.on_failure = lambda err: self._stream_failed(index, err)
+        self._monitor.add(stream)
+        return stream
+
+    def _stream_failed(self, index: int, err: DatastoreError) -> None:
+        if isinstance(err, Stalled):
+            with self._lock:
+                self.stalls += 1
+        self._failed(index, err)
 
 
 def _compare(c: Compare) -> Any:
     if isinstance(c, ModRevisionIs):
         return etcdrpc.Compare(
-            key=c.key.encode(),
+            key=encode_key(c.key),
             result=etcdrpc.Compare.EQUAL,
             target=etcdrpc.Compare.MOD,
             mod_revision=c.revision,
         )
     return etcdrpc.Compare(
-        key=c.key.encode(), result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VALUE, value=c.value
+        key=encode_key(c.key), result=etcdrpc.Compare.EQUAL, target=etcdrpc.Compare.VALUE, value=c.value
     )
 
 
 def _op(o: Op) -> Any:
     if isinstance(o, Put):
-        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=o.key.encode(), value=o.value, lease=o.lease))
-    req = etcdrpc.DeleteRangeRequest(key=o.key.encode())
+        return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=encode_key(o.key), value=o.value, lease=o.lease))
+    req = etcdrpc.DeleteRangeRequest(key=encode_key(o.key))
     if o.prefix:
         req.range_end = prefix_end(o.key)
     return etcdrpc.RequestOp(request_delete_range=req)
@@ -354,18 +466,35 @@ class LeaseKeeper:
 
 
 class WatchStream:
-    """One etcd watch on a prefix from a start revision. Iterate for ``WatchBatch``es; the iterator raises
-    ``Compacted`` when the start revision is gone and ``Unavailable`` when the stream breaks. ``cancel`` from any
-    thread ends the iteration."""
+    """One etcd watch on a prefix from a start revision. Iterate for ``WatchBatch``es (an empty one for the creation
+    and for each progress notification); the iterator raises ``Compacted`` when the start revision is gone,
+    ``Stalled`` when the stream stopped answering, and ``Unavailable`` when it breaks. ``cancel`` from any thread
+    ends the iteration."""
 
-    def __init__(self, client: EtcdClient, prefix: str, start_revision: int) -> None:
+    def __init__(
+        self, member: _Member, prefix: str, start_revision: int, progress_after: float, stall_after: float
+    ) -> None:
+        self.endpoint = member.target
+        self.progress_after = progress_after
+        self.stall_after = stall_after
+        self.on_failure: Callable[[DatastoreError], None] | None = None
+        self.on_close: Callable[[WatchStream], None] | None = None
+        self.progress_requests = 0
         self._requests: queue.Queue[Any] = queue.Queue()
         create = etcdrpc.WatchCreateRequest(
-            key=prefix.encode(), range_end=prefix_end(prefix), start_revision=start_revision, progress_notify=True
+            key=encode_key(prefix),
+            range_end=prefix_end(prefix),
+            start_revision=start_revision,
+            progress_notify=True,
         )
         self._requests.put(etcdrpc.WatchRequest(create_request=create))
-        self._call: Any = client._watch_stub.Watch(self._request_iter())
+        self._call: Any = member.watch.Watch(self._request_iter(), metadata=REQUIRE_LEADER)
         self._cancelled = False
+        self._stalled = False
+        # Monotonic time since which the reader has been waiting for the next response (None: not waiting), and
+        # when it last asked for progress. Written by the reader, read by the monitor thread.
+        self._waiting_since: float | None = time.monotonic()
+        self._asked_at = 0.0
 
     def _request_iter(self) -> Iterator[Any]:
         while True:
@@ -378,23 +507,99 @@ class WatchStream:
         self._cancelled = True
         self._requests.put(None)
         self._call.cancel()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def check(self, now: float) -> None:
+        """Called by the monitor: ask a silent stream for progress, and give up on one that stays silent."""
+        since = self._waiting_since
+        if since is None or self._cancelled or self._stalled:
+            return
+        silent = now - since
+        if silent >= self.stall_after:
+            self._stalled = True
+            self._call.cancel()
+        elif silent >= self.progress_after and self._asked_at < since:
+            # etcd (>= 3.4) answers with a progress notification carrying its current revision.
+            self._asked_at = now
+            self.progress_requests += 1
+            self._requests.put(etcdrpc.WatchRequest(progress_request=etcdrpc.WatchProgressRequest()))
 
     def __iter__(self) -> Iterator[WatchBatch]:
         try:
-            for resp in self._call:
-                if resp.compact_revision:
-                    raise Compacted(int(resp.compact_revision))
-                if resp.canceled:
-                    raise Unavailable(f"watch cancelled by etcd: {resp.cancel_reason}")
-                if resp.created and not resp.events:
-                    continue
-                events = tuple(
-                    WatchEvent("delete" if ev.type == kv_pb2.Event.DELETE else "put", _kv(ev.kv)) for ev in resp.events
-                )
-                yield WatchBatch(revision=int(resp.header.revision), events=events)
-        except grpc.RpcError as exc:
-            if self._cancelled:
-                return
-            raise translate(exc) from None
+            yield from self._read()
+        except DatastoreError as err:
+            if isinstance(err, Unavailable) and self.on_failure is not None:
+                self.on_failure(err)
+            raise
+        finally:
+            self._waiting_since = None
+            if self.on_close is not None:
+                self.on_close(self)
+
+    def _read(self) -> Iterator[WatchBatch]:
+        responses = iter(self._call)
+        while True:
+            self._waiting_since = time.monotonic()
+            try:
+                resp = next(responses)
+            except StopIteration:
+                break
+            except grpc.RpcError as exc:
+                if self._stalled:
+                    raise Stalled(f"watch on {self.endpoint} silent for {self.stall_after:.0f}s") from None
+                if self._cancelled:
+                    return
+                raise translate(exc) from None
+            self._waiting_since = None
+            if resp.compact_revision:
+                raise Compacted(int(resp.compact_revision))
+            if resp.canceled:
+                raise Unavailable(f"watch cancelled by etcd: {resp.cancel_reason}")
+            events = tuple(
+                WatchEvent("delete" if ev.type == kv_pb2.Event.DELETE else "put", _kv(ev.kv)) for ev in resp.events
+            )
+            yield WatchBatch(revision=int(resp.header.revision), events=events, created=bool(resp.created))
+        if self._stalled:
+            raise Stalled(f"watch on {self.endpoint} silent for {self.stall_after:.0f}s")
         if not self._cancelled:
             raise Unavailable("watch stream ended")
+
+
+class _StreamMonitor:
+    """One thread per client that checks its open watch streams twice a second (started with the first watch)."""
+
+    TICK = 0.5
+
+    def __init__(self) -> None:
+        self._streams: set[WatchStream] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, stream: WatchStream) -> None:
+        stream.on_close = self._remove
+        with self._lock:
+            self._streams.add(stream)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="etcd-watch-monitor", daemon=True)
+                self._thread.start()
+
+    def _remove(self, stream: WatchStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.TICK):
+            with self._lock:
+                streams = list(self._streams)
+            now = time.monotonic()
+            for stream in streams:
+                stream.check(now)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)

@@ -13,6 +13,17 @@ from pathlib import Path
 from datastore.etcd import EtcdClient
 from testbed.procs import register_child, unregister_child
 
+# etcd's default is 10 minutes; a quiet watch then hears nothing for that long. The watcher asks for progress
+# itself when a stream is silent (datastore.etcd), so this only makes the test bed behave like a tuned cluster.
+PROGRESS_NOTIFY_INTERVAL = "5s"
+
+
+def etcd_binary(binary: str = "etcd") -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(f"{binary} not found: install Debian's etcd-server (scripts/bootstrap does)")
+    return path
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -24,10 +35,7 @@ class EtcdServer:
     """Start with ``start()``; ``restart()`` keeps the data; ``stop()`` removes everything it made."""
 
     def __init__(self, binary: str = "etcd") -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise RuntimeError(f"{binary} not found: install Debian's etcd-server (scripts/bootstrap does)")
-        self.binary = path
+        self.binary = etcd_binary(binary)
         self.dir = Path(tempfile.mkdtemp(prefix="podnet-etcd-"))
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -57,6 +65,7 @@ class EtcdServer:
                 "--logger=zap",
                 # Tests compact history on purpose; nothing else should.
                 "--auto-compaction-retention=0",
+                f"--experimental-watch-progress-notify-interval={PROGRESS_NOTIFY_INTERVAL}",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

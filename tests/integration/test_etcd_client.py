@@ -9,6 +9,7 @@ import pytest
 
 from datastore.errors import AlreadyExists, CasConflict, Unavailable
 from datastore.etcd import Delete, EtcdClient, ModRevisionIs, Put, ValueIs
+from datastore.watcher import Watcher
 from testbed.etcd_server import EtcdServer, free_port
 
 COUNTER = "/podnet/v1/test/counter"
@@ -125,3 +126,21 @@ def test_client_recovers_after_etcd_restart(etcd_server: EtcdServer, etcd: EtcdC
     etcd_server.start()
     kv = etcd.get("/podnet/v1/test/survives")  # same client object, no 5-minute penalty
     assert kv is not None and kv.value == b"1"
+
+
+def test_quiet_watch_is_kept_alive_by_progress_requests(etcd_server: EtcdServer) -> None:
+    """A watch on which nothing changes is not mistaken for a stalled one: etcd answers its progress requests (the
+    server's own notifications come only every 5 s here, longer than this test's stall deadline)."""
+    client = EtcdClient([etcd_server.endpoint], watch_progress_after=0.5, watch_stall_after=2.0)
+    seen: list[object] = []
+    watcher = Watcher(client, "/podnet/v1/test/quiet/", seen.append).start()
+    try:
+        time.sleep(4.5)
+        assert watcher.alive()
+        assert (watcher.stalls, watcher.reconnects, client.stalls) == (0, 0, 0)
+        assert time.monotonic() - watcher.last_progress < 1.5
+        stream = watcher._stream
+        assert stream is not None and stream.progress_requests >= 2
+    finally:
+        watcher.stop()
+        client.close()
