@@ -218,36 +218,51 @@ def check_cmd(ctx: click.Context, ctl: CtlContext, output: str) -> None:
         ctx.exit(1)
 
 
-def _holders(store: Store, ip: str) -> list[m.Endpoint]:
-    """The endpoints (live pod attachments) that use ``ip``."""
-    addr = ipaddress.ip_address(ip)
+def _holders(store: Store, ips: list[str], handle: str | None = None) -> list[m.Endpoint]:
+    """The endpoints (live pod attachments) that use one of ``ips`` or name ``handle``."""
+    addrs = {ipaddress.ip_address(ip) for ip in ips}
     endpoints = (v.value for v in store.list(k.ENDPOINTS_PREFIX, m.Endpoint))
-    return [ep for ep in endpoints if any(ipaddress.ip_interface(a).ip == addr for a in ep.ips)]
+    return [
+        ep
+        for ep in endpoints
+        if (handle is not None and ep.handle == handle) or any(ipaddress.ip_interface(a).ip in addrs for a in ep.ips)
+    ]
+
+
+def _refuse_if_used(store: Store, what: str, ips: list[str], handle: str | None = None) -> None:
+    holders = _holders(store, ips, handle)
+    if holders:
+        pods = ", ".join(f"{e.namespace}/{e.pod} (node {e.node}, {e.host_iface})" for e in holders)
+        raise click.ClickException(f"{what} is in use by pod {pods}: not released (--force releases it anyway)")
 
 
 @ipam_group.command("release")
 @click.option("--ip", "ip", default=None, help="Release this address (refused while an endpoint uses it).")
-@click.option("--handle", "handle", default=None, help="Release every address of this handle.")
-@click.option("--force", is_flag=True, help="Release the address even though a live endpoint uses it.")
+@click.option("--handle", "handle", default=None, help="Release every address of this handle (idem).")
+@click.option("--force", is_flag=True, help="Release even though a live endpoint uses the address.")
 @pass_ctl
 def release(ctl: CtlContext, ip: str | None, handle: str | None, force: bool) -> None:
     """Release an address or a handle (idempotent). An address a pod's endpoint still uses is not released without
-    --force: the next pod would get it while the first still answers on it."""
+    --force: the next pod would get it while the first still answers on it. (The check and the release are two
+    steps: an endpoint written in between is not seen.)"""
     if (ip is None) == (handle is None):
         raise click.UsageError("give exactly one of --ip or --handle")
     with _errors():
+        store = Store(ctl.client)
         ipam = Ipam(ctl.client)
         if ip is not None:
             ip = str(ipaddress.ip_address(ip))
-            holders = _holders(Store(ctl.client), ip)
-            if holders and not force:
-                pods = ", ".join(f"{e.namespace}/{e.pod} (node {e.node}, {e.host_iface})" for e in holders)
-                raise click.ClickException(f"{ip} is in use by pod {pods}: not released (--force releases it anyway)")
+            if not force:
+                _refuse_if_used(store, ip, [ip])
             holder = ipam.release_ip(ip)
             click.echo(f"released {ip} (handle {holder})" if holder else f"{ip} was not allocated")
         else:
             assert handle is not None
-            k.HandleKey(handle).path  # validates the name  # noqa: B018
+            key = k.HandleKey(handle)
+            key.path  # validates the name  # noqa: B018
+            if not force:
+                record = store.get(key, m.Handle)
+                _refuse_if_used(store, f"handle {handle}", list(record.value.ips) if record else [], handle)
             ips = ipam.release_handle(handle)
             click.echo(f"released {', '.join(ips)} from {handle}" if ips else f"handle {handle} held nothing")
 

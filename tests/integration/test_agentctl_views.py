@@ -174,6 +174,20 @@ def test_release_refuses_an_address_a_live_endpoint_uses(etcd_server: EtcdServer
     assert (res.exit_code, res.output) == (0, f"released {ip} (handle h-a)\n")
     # An address no endpoint uses is released without --force.
     assert run(etcd_server, "ipam", "release", "--ip", other).output == f"released {other} (handle h-b)\n"
+    # The same for a whole handle: by the addresses it holds, or by the endpoint naming it.
+    store.delete(k.EndpointKey("node1", "nsa", "a1", "eth0"))  # a1 is gone, its address free for the next pod
+    third = ipam.auto_assign("h-c", "node1", pod="nsa/c1")
+    store.put(m.Endpoint("node1", "nsa", "c1", "eth0", "cali4444444444d", (f"{third}/32",)))
+    res = run(etcd_server, "ipam", "release", "--handle", "h-c")
+    assert (res.exit_code, res.output) == (
+        1,
+        "Error: handle h-c is in use by pod nsa/c1 (node node1, cali4444444444d): not released"
+        " (--force releases it anyway)\n",
+    )
+    store.put(m.Endpoint("node1", "nsa", "c1", "eth0", "cali4444444444d", ("10.244.9.9/32",), handle="h-c"))
+    assert run(etcd_server, "ipam", "release", "--handle", "h-c").exit_code == 1
+    res = run(etcd_server, "ipam", "release", "--handle", "h-c", "--force")
+    assert (res.exit_code, res.output) == (0, f"released {third} from h-c\n")
 
 
 @pytest.mark.parametrize("text", ["", "\n", "---\n", "# nothing here\n---\n---\n"])
