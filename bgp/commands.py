@@ -8,6 +8,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bgp import aspath
+from bgp.aspath import AsPath
+
 
 @dataclass(frozen=True)
 class OutRoute:
@@ -16,7 +19,7 @@ class OutRoute:
     prefix: str
     next_hop: str
     local_pref: int | None = None
-    as_path: tuple[int, ...] = ()
+    as_path: AsPath = ()
     originator_id: str | None = None
     cluster_list: tuple[str, ...] = ()
 
@@ -56,7 +59,10 @@ def announce(neighbors: Sequence[str], route: OutRoute) -> str:
     if route.local_pref is not None:
         parts.append(f"local-preference {route.local_pref}")
     if route.as_path:
-        parts.append(f"as-path [ {' '.join(str(a) for a in route.as_path)} ]")
+        try:
+            parts.append(f"as-path {aspath.to_command(route.as_path)}")
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
     if route.originator_id is not None:
         parts.append(f"originator-id {route.originator_id}")
     if route.cluster_list:
@@ -88,7 +94,7 @@ _NEIGHBORS = rf"neighbor {_IP}(?: , neighbor {_IP})*"
 _ROUTE = (
     rf"announce route (?P<prefix>{_IP}/\d{{1,2}}) next-hop {_IP}"
     r"(?: local-preference \d{1,10})?"
-    r"(?: as-path \[(?: \d{1,10})+ \])?"
+    r"(?: as-path(?: \[(?: [1-9]\d{0,9})+ \]| \((?: [1-9]\d{0,9})+ \))+)?"  # AS 0 never (RFC 7607)
     rf"(?: originator-id {_IP})?"
     rf"(?: cluster-list \[(?: {_IP})+ \])?"
 )

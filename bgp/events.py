@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from bgp import aspath
 from bgp.rib import LearnedRoute
 
 
@@ -95,7 +96,11 @@ def _update(peer: str, message: dict[str, Any]) -> UpdateEvent:
         return UpdateEvent(peer, eor=True)
     update = message["update"]
     attrs = update.get("attribute") or {}
-    as_path = tuple(_flatten(attrs.get("as-path") or ()))
+    withdrawn = [str(n["nlri"]) for f, ns in (update.get("withdraw") or {}).items() if f == "ipv4 unicast" for n in ns]
+    try:
+        as_path = aspath.from_exabgp(attrs.get("as-path"))
+    except (KeyError, TypeError, ValueError):
+        as_path = None  # unreadable: its routes are treated as withdrawn (RFC 7606), the rest of the update stands
     local_pref = attrs.get("local-preference")
     originator = attrs.get("originator-id")
     clusters = tuple(str(c) for c in attrs.get("cluster-list") or ())
@@ -105,6 +110,9 @@ def _update(peer: str, message: dict[str, Any]) -> UpdateEvent:
             continue
         for next_hop, nlris in by_nexthop.items():
             for nlri in nlris:
+                if as_path is None:
+                    withdrawn.append(str(nlri["nlri"]))
+                    continue
                 announced.append(
                     LearnedRoute(
                         prefix=str(nlri["nlri"]),
@@ -116,13 +124,4 @@ def _update(peer: str, message: dict[str, Any]) -> UpdateEvent:
                         cluster_list=clusters,
                     )
                 )
-    withdrawn = [str(n["nlri"]) for f, ns in (update.get("withdraw") or {}).items() if f == "ipv4 unicast" for n in ns]
     return UpdateEvent(peer, tuple(announced), tuple(withdrawn))
-
-
-def _flatten(path: Any) -> list[int]:
-    """AS numbers of an AS_PATH in order; ExaBGP writes an AS_SET as a nested list."""
-    out: list[int] = []
-    for item in path:
-        out.extend(_flatten(item) if isinstance(item, list) else [int(item)])
-    return out

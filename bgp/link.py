@@ -22,13 +22,18 @@ class BridgeLink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.acks: queue.Queue[tuple[bool, str, list[str]] | None] = queue.Queue()
+        # (ok, reason, command output, the ack's position in the stream of lines read from the bridge)
+        self.acks: queue.Queue[tuple[bool, str, list[str], int] | None] = queue.Queue()
         self.text: list[str] = []
         self.bridge_pid: int | None = None
+        self.generation = -1  # the ExaBGP process (Speaker's generation) this bridge belongs to; set on hello
+        self.in_flight: str | None = None  # the command waiting for its ack (one at a time)
+        self.last_ack_seq = 0  # position of the last ack ``call`` returned: what came before it, ExaBGP wrote first
         self.closed = False
 
     def call(self, line: str, on_sent: Callable[[], None] | None = None) -> tuple[bool, list[str]]:
         """Send one command and wait for its ack; ``on_sent`` runs once the line is on its way."""
+        self.in_flight = line
         try:
             self.sock.sendall((line + "\n").encode())
         except OSError:
@@ -41,7 +46,7 @@ class BridgeLink:
             raise BridgeLost() from None
         if ack is None:
             raise BridgeLost()
-        ok, why, text = ack
+        ok, why, text, self.last_ack_seq = ack
         if not ok:
             log.warning("ExaBGP refused %r: %s", line, why)
         return ok, text

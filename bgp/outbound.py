@@ -11,18 +11,37 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from bgp import aspath
 from bgp.commands import OutRoute
 from bgp.plan import PeerSpec, SpeakerIdentity
 from bgp.rib import LearnedRoute, Rib, preference
 
+AS_LOOP = "as-loop"
+POLICY = "policy"
+REFLECTION_LOOP = "reflection-loop"
+AS_ZERO = "as-zero"
+
+
+def refusal(identity: SpeakerIdentity, peer: PeerSpec, route: LearnedRoute) -> str | None:
+    """Why a route received from ``peer`` may not enter the RIB (None: it may): our import policy, our own AS on
+    its AS_PATH (RFC 4271 section 9.1.2), AS 0 on it (RFC 7607), or our own router ID or cluster ID on it (RFC
+    4456 loop prevention)."""
+    if not peer.accept_routes:
+        return POLICY
+    if identity.as_number in aspath.asns(route.as_path):
+        return AS_LOOP
+    if 0 in aspath.asns(route.as_path):
+        return AS_ZERO
+    if route.originator_id == identity.router_id:
+        return REFLECTION_LOOP
+    if identity.cluster_id is not None and identity.cluster_id in route.cluster_list:
+        return REFLECTION_LOOP
+    return None
+
 
 def accepts(identity: SpeakerIdentity, peer: PeerSpec, route: LearnedRoute) -> bool:
-    """Whether a route received from ``peer`` may enter the RIB (loop prevention and peer policy)."""
-    if not peer.accept_routes:
-        return False
-    if route.originator_id == identity.router_id:
-        return False
-    return not (identity.cluster_id is not None and identity.cluster_id in route.cluster_list)
+    """Whether a route received from ``peer`` may enter the RIB."""
+    return refusal(identity, peer, route) is None
 
 
 def outbound(

@@ -11,6 +11,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from bgp.aspath import AsPath
+
 
 @dataclass(frozen=True)
 class LearnedRoute:
@@ -19,7 +21,7 @@ class LearnedRoute:
     prefix: str
     next_hop: str
     peer: str
-    as_path: tuple[int, ...] = ()
+    as_path: AsPath = ()  # AS numbers, and a tuple for each AS_SET (see bgp.aspath)
     local_pref: int | None = None
     originator_id: str | None = None
     cluster_list: tuple[str, ...] = ()
@@ -27,7 +29,8 @@ class LearnedRoute:
 
 
 def preference(route: LearnedRoute) -> tuple[int, int, int, int, tuple[int, int]]:
-    """Sort key, lowest wins: local-pref, AS path, cluster list, fresh over stale, then lowest peer address."""
+    """Sort key, lowest wins: local-pref, AS path length (an AS_SET counts one), cluster list, fresh over stale,
+    then lowest peer address."""
     peer = ipaddress.ip_address(route.peer)
     return (
         -(route.local_pref if route.local_pref is not None else 100),

@@ -50,6 +50,10 @@ class Session:
     info: str = ""
     stale_until: float | None = None  # monotonic deadline of the peer's graceful-restart timer
     md5_baseline: tuple[int, int] = (0, 0)
+    # The configuration generation this session was (re)created in, until ExaBGP has reloaded it: until then
+    # the session ExaBGP reports is the old one, and an "up" for it says nothing about the new one.
+    awaiting_reload: int | None = None
+    event_seq: int = 0  # stream position of the last state event applied (a snapshot read before it is stale)
 
     def set(self, state: str, info: str = "") -> None:
         if state != self.state:

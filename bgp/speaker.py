@@ -12,6 +12,7 @@ without it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -25,10 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bgp import commands, events, exabgp_conf
+from bgp import aspath, commands, events, exabgp_conf
 from bgp.commands import OutRoute
 from bgp.link import BridgeLink, BridgeLost
-from bgp.outbound import accepts, outbound
+from bgp.outbound import AS_LOOP, POLICY, outbound, refusal
 from bgp.plan import PeerSpec, SpeakerIdentity
 from bgp.rib import LearnedRoute, Rib
 from bgp.session import ESTABLISHED, PeerState, Session, md5_failures
@@ -106,6 +107,11 @@ class Speaker:
         self._resync_pending = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0  # ExaBGP processes started so far
+        self._exabgp_alive = False  # the process of the current generation has not exited
+        self._config_generation = 0  # bumped by each configuration file change
+        self._reload_generation = 0  # the configuration the reload in flight makes ExaBGP read (at least)
+        self._line_seq = itertools.count(1)  # positions of the lines read from bridges, in arrival order
+        self._rejected: dict[str, dict[str, int]] = {}  # reason -> peer -> routes refused on receipt
         self._bridge_generation = -1  # the ExaBGP generation the last bridge connection belonged to
         self._conn: BridgeLink | None = None
         self._server: socket.socket | None = None
@@ -168,6 +174,7 @@ class Speaker:
         """The complete set of sessions. Unchanged sessions stay up; removed peers' routes leave the RIB.
         Raises ValueError (and changes nothing) if a usable peer's address is not an IPv4 address."""
         changed = False
+        recreated: list[str] = []
         peers = list(peers)
         for spec in peers:
             if spec.ok:
@@ -202,6 +209,7 @@ class Speaker:
                         self._refresh_pending.add(address)
                     continue
                 self._sessions[address] = Session(md5_baseline=self._md5_failures())
+                recreated.append(address)
                 if old is not None:
                     # ExaBGP re-creates a changed neighbor, and its Adj-RIB-Out may go with it: send it all again
                     # (after the reload, which ExaBGP runs before it reads our next command).
@@ -211,6 +219,9 @@ class Speaker:
                 self._best_changed()
             if self._write_config():
                 self._reload_pending = True
+                if self._exabgp_alive:  # else the next ExaBGP reads the new file when it starts
+                    for address in recreated:
+                        self._sessions[address].awaiting_reload = self._config_generation
             self._kick()
         if changed:
             self._changed()
@@ -277,6 +288,19 @@ class Speaker:
                 )
             return out
 
+    def rejected_routes(self) -> dict[str, dict[str, int]]:
+        """Routes refused on receipt since start, by reason and peer: ``as-loop`` (our AS on the AS_PATH),
+        ``as-zero`` (AS 0 on it), ``reflection-loop`` (our router or cluster ID on it), ``own-next-hop``. Routes of
+        a peer whose routes we do not accept are not counted."""
+        with self._lock:
+            return {why: dict(by_peer) for why, by_peer in self._rejected.items()}
+
+    @property
+    def rejected_as_loop(self) -> int:
+        """Routes refused because our own AS is on their AS_PATH (RFC 4271 section 9.1.2), all peers."""
+        with self._lock:
+            return sum(self._rejected.get(AS_LOOP, {}).values())
+
     def sent_routes(self) -> dict[str, dict[str, OutRoute]]:
         """What ExaBGP has been told to announce, per peer (for status and tests)."""
         with self._lock:
@@ -309,6 +333,7 @@ class Speaker:
             fh.write(text)
         os.replace(tmp, self.conf_path)
         self._config_text = text
+        self._config_generation += 1
         return True
 
     def _env(self) -> dict[str, str]:
@@ -373,6 +398,9 @@ class Speaker:
                 if proc is not None:
                     self._proc = proc
                     self._generation += 1
+                    self._exabgp_alive = True
+                    for s in self._sessions.values():
+                        s.awaiting_reload = None  # a new process reads the current file
             if proc is None:
                 if self._stop_event.wait(backoff):
                     return
@@ -395,6 +423,7 @@ class Speaker:
 
     def _exabgp_lost(self, why: str) -> None:
         """ExaBGP died: it forgot everything we told it; we keep learned routes for the graceful-restart time."""
+        self._exabgp_alive = False  # what its bridge still relays is history
         self._sent.clear()
         self._unsure.clear()
         self._eor_pending.clear()
@@ -462,9 +491,17 @@ class Speaker:
 
     def _line(self, conn: BridgeLink, line: str) -> bool:
         kind, _, rest = line.partition(" ")
+        seq = next(self._line_seq)
         if kind == "ack":
             ok = rest.startswith("done")
-            conn.acks.put((ok, rest, conn.text))
+            if conn.in_flight == commands.RELOAD:
+                # Before the worker can send anything else: ExaBGP re-reads its file after this ack and before it
+                # reads our next command, so the sessions it reports from now on are the reloaded ones.
+                with self._lock:
+                    for s in self._sessions.values():
+                        if s.awaiting_reload is not None and s.awaiting_reload <= self._reload_generation:
+                            s.awaiting_reload = None
+            conn.acks.put((ok, rest, conn.text, seq))
             conn.text = []
             return False
         if kind == "text":
@@ -473,6 +510,7 @@ class Speaker:
         if kind == "hello":
             with self._lock:
                 conn.bridge_pid = int(rest) if rest.isdigit() else None
+                conn.generation = self._generation
                 self._bridge_connected()
                 self._kick()
             return True
@@ -484,7 +522,9 @@ class Speaker:
                 trace.debug("update-recv %s from=%s", " ".join(changed[:5]), event.peer)
             if event is not None:
                 with self._lock:
-                    return self._event(event)
+                    if conn.generation != self._generation or not self._exabgp_alive:
+                        return False  # relayed from an ExaBGP that has exited: its sessions are gone
+                    return self._event(event, seq)
         return False
 
     def _bridge_connected(self) -> None:
@@ -505,13 +545,19 @@ class Speaker:
             self._resync_pending = True  # and learn the sessions' states again (show neighbor)
         self._bridge_generation = self._generation
 
-    def _event(self, event: events.Event) -> bool:
+    def _event(self, event: events.Event, seq: int | None = None) -> bool:
+        """Apply one event (hold the lock); ``seq`` is its position in the bridge stream."""
         spec = self._peers.get(event.peer)
         if spec is None:
             return False
         s = self._sessions.setdefault(event.peer, Session())
         now = time.monotonic()
         if isinstance(event, events.StateEvent):
+            s.event_seq = next(self._line_seq) if seq is None else seq
+            if event.state in ("up", "connected") and s.awaiting_reload is not None:
+                # the session of the configuration we replaced (ExaBGP has not reloaded yet): not this one
+                log.debug("%s: ignoring %r of %s from before the reload", self.identity.node, event.state, event.peer)
+                return False
             if event.state == "up":
                 s.set(ESTABLISHED)
                 self._eor_pending.add(event.peer)
@@ -541,15 +587,33 @@ class Speaker:
         else:
             ok, refused = [], []
             for r in event.announced:
-                if accepts(self.identity, spec, r) and r.next_hop != self.identity.router_id:
+                why = refusal(self.identity, spec, r)
+                if why is None and r.next_hop == self.identity.router_id:
+                    why = "own-next-hop"
+                if why is None:
                     ok.append(r)
-                else:
-                    refused.append(r.prefix)
+                    continue
+                refused.append(r.prefix)
+                if why != POLICY:
+                    self._count_rejected(why, event.peer, r)
             self._rib.update(event.peer, ok, [*event.withdrawn, *refused])
             touched = [*event.withdrawn, *(r.prefix for r in event.announced)]
         if self.identity.cluster_id is not None:
             self._kick()  # reflect
         return self._best_changed(touched)
+
+    def _count_rejected(self, why: str, peer: str, route: LearnedRoute) -> None:
+        by_peer = self._rejected.setdefault(why, {})
+        by_peer[peer] = by_peer.get(peer, 0) + 1
+        if by_peer[peer] == 1 or log.isEnabledFor(logging.DEBUG):
+            log.warning(
+                "%s: refused %s from %s (%s; AS_PATH %s); further ones are counted",
+                self.identity.node,
+                route.prefix,
+                peer,
+                why,
+                aspath.render(route.as_path) or "empty",
+            )
 
     def _kick(self) -> None:
         """Wake the worker (hold the lock)."""
@@ -710,23 +774,34 @@ class Speaker:
 
     def _reload(self, conn: BridgeLink, resync: bool = False) -> None:
         """Have ExaBGP re-read its configuration, then wait until its sessions match it (the reload runs
-        asynchronously after the ack), and take the sessions' states from it."""
+        asynchronously after the ack); after a bridge restart, also take the sessions' states from it."""
+        with self._lock:
+            self._reload_generation = self._config_generation
         conn.call(commands.RELOAD)
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while time.monotonic() < deadline:
             ok, text = conn.call(commands.SHOW_NEIGHBORS)
+            snapshot_seq = conn.last_ack_seq
             seen = parse_neighbors(text) if ok else None
             with self._lock:
                 wanted = set(self._peers)
                 if seen is not None and set(seen) == wanted:
-                    for address, up in seen.items():
-                        s = self._sessions.setdefault(address, Session())
-                        if up and s.state != ESTABLISHED:
-                            s.set(ESTABLISHED)
-                        elif not up and s.state == ESTABLISHED and resync:
-                            # Only after a bridge restart (state events may be lost); otherwise an "up" event
-                            # can overtake this snapshot, and events are the truth.
-                            s.set("Active")
+                    if resync:
+                        self._apply_snapshot(seen, snapshot_seq)
                     return
             time.sleep(0.02)
         log.warning("ExaBGP for %s did not load its new configuration in %ss", self.identity.node, RELOAD_TIMEOUT)
+
+    def _apply_snapshot(self, seen: dict[str, bool], snapshot_seq: int) -> None:
+        """Session states from ``show neighbor`` after a bridge restart (state events may have been lost with the
+        old bridge). Events are the truth: a session whose last state event came after the snapshot was written
+        keeps it, and one not yet reloaded by ExaBGP is not the session the snapshot shows. Otherwise a snapshot
+        written before ExaBGP tore a session down could mark it up after the "down" event was applied."""
+        for address, up in seen.items():
+            s = self._sessions.setdefault(address, Session())
+            if s.event_seq > snapshot_seq or s.awaiting_reload is not None:
+                continue
+            if up and s.state != ESTABLISHED:
+                s.set(ESTABLISHED)
+            elif not up and s.state == ESTABLISHED:
+                s.set("Active")

@@ -122,7 +122,22 @@ class Bird:
         self.ctl = self.dir / "bird.ctl"
         self.proc: subprocess.Popen[str] | None = None
 
-    def configure(self, peers: Iterable[BirdPeer], static: Iterable[str] = (), hold: int = 3) -> None:
+    def configure(
+        self,
+        peers: Iterable[BirdPeer],
+        static: Iterable[str] = (),
+        hold: int = 3,
+        paths: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        """``paths``: prefix -> AS numbers BIRD puts in front of that route's AS_PATH when it exports it (an eBGP
+        session then adds BIRD's own AS in front of those)."""
+        export = "all"
+        if paths:
+            rules = " ".join(
+                f"if net = {prefix} then {{ " + " ".join(f"bgp_path.prepend({a});" for a in reversed(path)) + " }"
+                for prefix, path in paths.items()
+            )
+            export = f"filter {{ {rules} accept; }}"
         lines = [
             f"router id {self.router_id};",
             "protocol device { }",
@@ -138,7 +153,7 @@ class Bird:
                 f"  hold time {hold}; keepalive time 1;",
                 "  connect retry time 2; error wait time 1, 10;",
                 "  graceful restart on;",
-                "  ipv4 { import all; export all; next hop keep; };",
+                f"  ipv4 {{ import all; export {export}; next hop keep; }};",
             ]
             if peer.as_number == self.as_number and peer.rr_client:
                 body.append("  rr client; rr cluster id 10.10.10.10;")
@@ -194,7 +209,7 @@ class GoBGP:
         self.proc: subprocess.Popen[str] | None = None
         self.api = f"{host.address}:50051"
 
-    def start(self, neighbors: Iterable[str], hold: int = 3) -> None:
+    def start(self, neighbors: Iterable[str], hold: int = 3, peer_as: int | None = None) -> None:
         conf = self.dir / "gobgpd.toml"
         parts = [
             "[global.config]",
@@ -208,7 +223,7 @@ class GoBGP:
                 "[[neighbors]]",
                 "  [neighbors.config]",
                 f'    neighbor-address = "{n}"',
-                f"    peer-as = {self.as_number}",
+                f"    peer-as = {peer_as or self.as_number}",
                 "  [neighbors.timers.config]",
                 f"    hold-time = {hold}",
                 "    keepalive-interval = 1",
@@ -226,8 +241,9 @@ class GoBGP:
         host, port = self.api.split(":")
         return self.host.ns.run("gobgp", "-u", host, "-p", port, *args, check=False).stdout
 
-    def add_route(self, prefix: str) -> None:
-        self.gobgp("global", "rib", "add", prefix, "nexthop", self.host.address, "-a", "ipv4")
+    def add_route(self, prefix: str, *attrs: str) -> str:
+        """``attrs``: more of gobgp's path arguments, e.g. ``aspath 65010,65011``."""
+        return self.gobgp("global", "rib", "add", prefix, "nexthop", self.host.address, *attrs, "-a", "ipv4")
 
     def rib(self) -> dict[str, dict[str, object]]:
         """prefix -> {next_hop, originator_id, cluster_list} of the paths GoBGP received."""

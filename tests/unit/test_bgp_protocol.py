@@ -51,7 +51,9 @@ NEIGHBOR = (
 )
 
 
-def test_events_as_exabgp_5_writes_them() -> None:
+def test_events_hand_written() -> None:
+    """Hand-written events; the AS_PATH here is in ExaBGP 4's list form, still accepted. What ExaBGP 5.0.15 really
+    writes is recorded in tests/unit/fixtures/exabgp_events.jsonl (tests/unit/test_bgp_events.py)."""
     assert events.parse(
         HEAD + '"type": "state", ' + NEIGHBOR + '"state": "down", "reason": "closing connection" } }'
     ) == (events.StateEvent("10.0.0.11", "down", "closing connection"))
@@ -67,7 +69,7 @@ def test_events_as_exabgp_5_writes_them() -> None:
         "10.244.3.0/26",
         "10.0.0.13",
         "10.0.0.11",
-        (65001, 65002, 65003),
+        (65001, (65002, 65003)),  # a nested list is an AS_SET
     )
     assert (route.local_pref, route.originator_id, route.cluster_list) == (100, "10.0.0.13", ("1.0.0.1",))
     assert update.withdrawn == ("10.244.4.0/26",)

@@ -9,7 +9,7 @@ import pytest
 
 import bgp
 
-PURE = ["plan", "outbound", "rib", "commands", "events", "exabgp_conf", "sync"]
+PURE = ["plan", "outbound", "rib", "commands", "events", "exabgp_conf", "sync", "aspath"]
 IO = {"subprocess", "socket", "os", "threading", "pyroute2", "grpc", "pyetcd", "datastore.etcd", "datastore.watcher"}
 
 
