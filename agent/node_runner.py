@@ -9,7 +9,10 @@ someone else broke):
 2. the speaker gets the peer set and our prefixes (``bgp.plan``), and is (re)created when our identity changes;
 3. ``agent.calc.routes`` plans routes and devices from the snapshot and the speaker's best routes;
 4. the link writer, then the route writer, make the kernel match;
-5. status (programmed routes, peers, the agent itself) goes to etcd under the runner's lease.
+5. status (programmed routes, peers, the agent itself) is handed to the status reporter, which writes it to etcd
+   under the runner's lease from its own thread: a slow or absent etcd never delays a pass.
+
+The cluster config's ``logLevel`` sets podnet's loggers (unless ``--log-level`` was given: the command line wins).
 
 Learned routes are only removed once BGP is in sync too: after a (graceful) restart the RIB starts empty while the
 kernel still forwards with the routes of the previous run; they are kept until every peer is back (and has had
@@ -37,7 +40,8 @@ from agent.calc.snapshot import Snapshot
 from agent.dataplane.links import LinkWriter
 from agent.dataplane.netlink import Netlink
 from agent.dataplane.routes import RouteResult, RouteWriter
-from agent.status import StatusPublisher
+from agent.logs import apply_log_level
+from agent.status import StatusPublisher, StatusReporter
 from bgp import speaker as speaker_module
 from bgp.plan import (
     Defaults,
@@ -53,7 +57,7 @@ from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
 from datastore.etcd import EtcdClient
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agent.node_runner")  # not __name__: run with -m, that is __main__, outside podnet's loggers
 ANNOUNCE_HANDOFF = 0.05  # seconds a pass waits at most for the speaker to start sending a changed announcement
 # Per-hop timestamps for latency analysis (--trace FILE; bench/routes_convergence.py --trace).
 trace = logging.getLogger("podnet.trace.runner")
@@ -73,6 +77,7 @@ class RunnerConfig:
     startup_grace: float = 30.0
     status_ttl: int = 20
     exabgp_log_level: str = "INFO"
+    log_level: str | None = None  # podnet's loggers, fixed (a command-line flag); None: the cluster config's
     exabgp_reactor_speed: float = SpeakerConfig.reactor_speed  # ExaBGP's idle poll is speed/100 s (docs/bgp.md)
     # Seconds ExaBGP may run without its API bridge before the speaker restarts it (slow machines, emulated
     # guests: raise it). The speaker's default, read when the config is made.
@@ -99,6 +104,7 @@ class NodeRunner:
         self.links = LinkWriter(self.netlink)
         self.routes = RouteWriter(self.netlink)
         self.status = StatusPublisher(client, config.node, ttl=config.status_ttl)
+        self.reporter = StatusReporter(self.status)
         self.speaker: Speaker | None = None
         self._identity: SpeakerIdentity | None = None
         self._peer_inputs: tuple[object, ...] = ()  # what the speaker's peer set was last planned from
@@ -108,12 +114,13 @@ class NodeRunner:
         self._all_up_since: float | None = None
         self._recheck_at: float | None = None  # when BGP may count as settled: pass again then
         self._learned_in_sync = False
-        self._learned_seen: set[str] = set()  # prefixes BGP delivered during this run
+        self._learned_seen: set[str] = set()  # prefixes BGP delivered during this run, until BGP is in sync
         self._last_learned: dict[str, LearnedRoute] = {}
         self._next_verify = 0.0  # when the next verifying pass is due
         self._verify_due = True
         self._withdrawn_done: set[str] = set()
-        self._agent_published: m.AgentStatus | None = None
+        self._agent_published: m.AgentStatus | None = None  # what was last handed to the reporter
+        self._log_level: str | None = None  # the cluster's level last applied
         self._in_sync_since = ""
         self._was_in_sync = False
         # What the last pass did, for tests and the future daemon's health endpoint.
@@ -125,6 +132,7 @@ class NodeRunner:
 
     def start(self) -> NodeRunner:
         self._started = time.monotonic()
+        self.reporter.start()
         self.cache.start()
         self._thread = threading.Thread(target=self._loop, name=f"runner-{self.node}", daemon=True)
         self._thread.start()
@@ -140,6 +148,7 @@ class NodeRunner:
         if self.speaker is not None:
             self.speaker.stop(withdraw=withdraw)
         self.cache.stop()
+        self.reporter.stop()
         self.status.close(revoke=True)
         self.netlink.close()
 
@@ -219,15 +228,16 @@ class NodeRunner:
             self._in_sync_since = _now()
         if not snap.in_sync:
             self._agent_published = None
-            self.status.publish_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
+            self.reporter.offer_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
             return
+        self._follow_log_level(snap.config)
         me = snap.nodes.get(self.node)
         if me is None:
             # Without our record we know neither our address nor our subnet. Leave the kernel as it is (a record
             # deleted by mistake must not cut the node off) and say why.
             why = f"no node record for {self.node}: BGP not started, kernel left as it is"
             self._agent_published = None
-            self.status.publish_agent(
+            self.reporter.offer_agent(
                 m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
             )
             return
@@ -235,11 +245,17 @@ class NodeRunner:
         self._steer_speaker(snap, me)
         self._last_learned = self.speaker.best_routes() if self.speaker is not None else {}
         learned = list(self._last_learned.values())
-        current = {str(ipaddress.ip_network(r.prefix)) for r in learned}
-        withdrawn = self._learned_seen - current  # delivered in this run, then withdrawn: really gone
-        self._learned_seen |= current
         learned_in_sync = self._bgp_in_sync()
+        withdrawn = self._withdrawn(learned, learned_in_sync)
         plan = plan_routes(snap, self.node, learned)
+        log.debug(
+            "pass %d: %d routes planned, %d learned, %d withdrawn, BGP in sync: %s",
+            self.passes,
+            len(plan.routes),
+            len(learned),
+            len(withdrawn),
+            learned_in_sync,
+        )
         problems.extend(plan.problems)
         # Passes driven by changes trust the writers' model of the kernel; about every ``resync`` seconds (and
         # after a device was remade, or something failed) a pass re-reads it and repairs what someone else changed.
@@ -285,10 +301,10 @@ class NodeRunner:
             statuses[cidr] = m.RouteStatus(
                 st.node, st.cidr, st.type, st.via, done.dev, st.encapsulation, st.learned_from
             )
-        self.status.publish_routes(statuses)
+        self.reporter.offer_routes(statuses)
         peers = self._peer_statuses(refresh)
-        if self.status.publish_peers(peers):
-            self._peers_published = peers
+        self.reporter.offer_peers(peers)
+        self._peers_published = peers
         ident = self._identity
         agent = m.AgentStatus(
             node=self.node,
@@ -304,8 +320,25 @@ class NodeRunner:
         last = self._agent_published
         if last is not None and not refresh and dataclasses.replace(last, revision=revision) == agent:
             return
-        if self.status.publish_agent(agent):
-            self._agent_published = agent
+        self.reporter.offer_agent(agent)
+        self._agent_published = agent
+
+    def _withdrawn(self, learned: list[LearnedRoute], learned_in_sync: bool) -> set[str]:
+        """Prefixes BGP delivered in this run and then withdrew: they leave the kernel even before BGP is in sync.
+        Once it is, any learned route missing from the RIB goes anyway, so the set is dropped (it would otherwise
+        keep every prefix ever learned, borrowed /32s churning with pods, and be diffed on every pass)."""
+        if learned_in_sync:
+            self._learned_seen.clear()
+            return set()
+        current = {str(ipaddress.ip_network(r.prefix)) for r in learned}
+        withdrawn = self._learned_seen - current
+        self._learned_seen |= current
+        return withdrawn
+
+    def _follow_log_level(self, config: m.ClusterConfig) -> None:
+        if self.config.log_level is None and config.log_level != self._log_level:
+            apply_log_level(config.log_level, "the cluster config")
+            self._log_level = config.log_level
 
     def _peer_statuses(self, refresh: bool) -> dict[str, m.BGPPeerStatus]:
         """The peers' status to publish. Prefix counts move with every route change anywhere (each would cost one
@@ -429,10 +462,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="on SIGTERM tell peers we are gone (default: a planned restart; peers keep our routes)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="podnet's log level (default: the cluster config's logLevel, INFO until it is read)",
+    )
     parser.add_argument("--trace", type=Path, help="append per-hop timestamps (route latency analysis) to this file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s")
+    fmt = f"%(asctime)s {args.node} %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=args.log_level or "INFO", format=fmt)
     if args.trace is not None:
         handler = logging.FileHandler(args.trace)
         handler.setFormatter(logging.Formatter(f"%(created).6f {args.node} %(threadName)s %(message)s"))
@@ -450,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         status_ttl=args.status_ttl,
         bridge_timeout=args.bridge_timeout,
         exabgp_reactor_speed=args.exabgp_reactor_speed,
+        log_level=args.log_level,
     )
     client = EtcdClient([e.strip() for e in args.etcd_endpoints.split(",") if e.strip()])
     done = threading.Event()
