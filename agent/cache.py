@@ -1,8 +1,12 @@
 """The agent's cache: consumes the datastore watcher's stream and hands out consistent ``Snapshot``s.
 
-Consumers register a callback that is told "something changed" (not what): they take a fresh snapshot when they
+Consumers subscribe a callback that is told "something changed" (not what): they take a fresh snapshot when they
 are ready, so a burst of updates coalesces into one recalculation. Status keys (routes, BGP peer status) and IPAM
 handles are not cached: the agent does not compute from them.
+
+The maps are persistent (``immutables.Map``: a write costs O(log n), a snapshot copies nothing), endpoints are
+indexed by node, and every write is journalled (field, key) so a calculation asks what changed since the snapshot
+it used last (``Snapshot.changes_since``) instead of comparing the cluster: a change costs what it touches.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from typing import Any, cast
 
-from agent.calc.snapshot import Snapshot
+from immutables import Map
+
+from agent.calc.snapshot import Changes, EndpointId, Snapshot
 from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
@@ -32,6 +38,19 @@ WATCHED = (
     k.POLICIES_PREFIX,
     k.ENDPOINTS_PREFIX,
 )
+FIELDS = (
+    "bgp_peers",
+    "pools",
+    "blocks",
+    "affinities",
+    "nodes",
+    "pods",
+    "namespaces",
+    "policies",
+    "endpoints",
+    "broken_policies",
+)
+JOURNAL_LIMIT = 200_000  # journalled writes kept; a consumer further behind compares maps instead
 
 
 def _field_and_id(key: k.Key) -> tuple[str, object] | None:
@@ -57,30 +76,52 @@ def _field_and_id(key: k.Key) -> tuple[str, object] | None:
     return None
 
 
+class _Journal:
+    """Which keys were written, in order; generation g is the g-th write since the cache started. Read and
+    appended under the cache's lock."""
+
+    def __init__(self, lock: threading.Lock, limit: int = JOURNAL_LIMIT) -> None:
+        self._lock = lock
+        self._limit = limit
+        self._entries: list[tuple[str, object]] = []
+        self._first = 0  # generation of the write before _entries[0]
+        self.generation = 0
+
+    def append(self, name: str, key: object) -> None:
+        self._entries.append((name, key))
+        self.generation += 1
+        if len(self._entries) > self._limit:
+            drop = len(self._entries) - self._limit // 2
+            del self._entries[:drop]
+            self._first += drop
+
+    def since(self, generation: int, until: int) -> Changes | None:
+        with self._lock:
+            if generation < self._first or until > self.generation:
+                return None
+            out: dict[str, set[object]] = {}
+            for name, key in self._entries[generation - self._first : until - self._first]:
+                out.setdefault(name, set()).add(key)
+        return {name: frozenset(keys) for name, keys in out.items()}
+
+
 class Cache:
-    def __init__(self, client: EtcdClient, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(self, client: EtcdClient | None, on_change: Callable[[], None] | None = None) -> None:
+        """``client`` None: a cache fed by ``apply`` only (benchmarks, tests)."""
         self._lock = threading.Lock()
-        self._maps: dict[str, dict[object, object]] = {
-            name: {}
-            for name in (
-                "bgp_peers",
-                "pools",
-                "blocks",
-                "affinities",
-                "nodes",
-                "pods",
-                "namespaces",
-                "policies",
-                "endpoints",
-            )
-        }
+        self._maps: dict[str, Map[Any, Any]] = {name: Map() for name in FIELDS}
+        self._by_node: Map[str, Map[EndpointId, m.Endpoint]] = Map()
+        self._journal = _Journal(self._lock)
         self._config = m.ClusterConfig()
-        self._broken_policies: dict[tuple[str, str], str] = {}  # (namespace, name) -> why it cannot be read
         self._revision = 0
         self._synced: set[str] = set()
-        self._on_change = on_change
+        self._subscribers: list[Callable[[], None]] = [on_change] if on_change is not None else []
         self.in_sync = threading.Event()
-        self.watchers = [Watcher(client, prefix, self._sink_for(prefix)) for prefix in WATCHED]
+        self.watchers = [] if client is None else [Watcher(client, p, self._sink_for(p)) for p in WATCHED]
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (cheap, from a watcher thread) after every change."""
+        self._subscribers.append(callback)
 
     def start(self) -> Cache:
         for w in self.watchers:
@@ -93,47 +134,66 @@ class Cache:
 
     def _sink_for(self, prefix: str) -> Callable[[Update], None]:
         def sink(update: Update) -> None:
-            self._apply(prefix, update)
+            self.apply(prefix, update)
 
         return sink
 
-    def _apply(self, prefix: str, update: Update) -> None:
+    def apply(self, prefix: str, update: Update) -> None:
+        """Take one update of the watch on ``prefix`` (what the watchers call)."""
         with self._lock:
             if isinstance(update, InSync):
                 self._synced.add(prefix)
                 self._revision = max(self._revision, update.revision)
                 if len(self._synced) == len(WATCHED):
                     self.in_sync.set()
-            elif isinstance(update, Updated):
+            else:
                 self._revision = max(self._revision, update.mod_revision)
-                if isinstance(update.key, k.PolicyKey):
-                    self._broken_policies.pop((update.key.namespace, update.key.name), None)
-                if isinstance(update.value, m.ClusterConfig):
-                    self._config = update.value
-                else:
-                    where = _field_and_id(update.key)
-                    if where is not None:
-                        self._maps[where[0]][where[1]] = update.value
-            elif isinstance(update, (Deleted, Malformed)):
-                self._revision = max(self._revision, update.mod_revision)
-                if isinstance(update.key, k.PolicyKey):
-                    # A policy that cannot be read must not open what it isolated: the compiler fences its
-                    # namespace while it is broken (fail closed), so remember it rather than forget it.
-                    ident = (update.key.namespace, update.key.name)
-                    if isinstance(update, Malformed):
-                        self._broken_policies[ident] = update.reason
-                    else:
-                        self._broken_policies.pop(ident, None)
-                if update.key is None:
-                    pass
-                elif isinstance(update.key, k.ClusterConfigKey):
-                    self._config = m.ClusterConfig()
-                else:
-                    where = _field_and_id(update.key)
-                    if where is not None:
-                        self._maps[where[0]].pop(where[1], None)
-        if self._on_change is not None:
-            self._on_change()
+                self._write(update)
+        for callback in self._subscribers:
+            callback()
+
+    def _write(self, update: Updated | Deleted | Malformed) -> None:
+        key = update.key
+        if isinstance(key, k.PolicyKey):
+            # A policy that cannot be read must not open what it isolated: the compiler fences its namespace while
+            # it is broken (fail closed), so remember it rather than forget it.
+            ident = (key.namespace, key.name)
+            if isinstance(update, Malformed):
+                self._set("broken_policies", ident, update.reason)
+            elif ident in self._maps["broken_policies"]:
+                self._set("broken_policies", ident, None)
+        if key is None:
+            return
+        if isinstance(key, k.ClusterConfigKey):
+            config = update.value if isinstance(update, Updated) else None
+            self._config = config if isinstance(config, m.ClusterConfig) else m.ClusterConfig()
+            return
+        where = _field_and_id(key)
+        if where is None:
+            return
+        value = update.value if isinstance(update, Updated) else None
+        self._set(where[0], where[1], value)
+        if where[0] == "endpoints":
+            ep_id = cast(EndpointId, where[1])
+            mine = self._by_node.get(ep_id[0], Map())
+            if value is not None:
+                mine = mine.set(ep_id, cast(m.Endpoint, value))
+            elif ep_id in mine:
+                mine = mine.delete(ep_id)
+            if mine:
+                self._by_node = self._by_node.set(ep_id[0], mine)
+            elif ep_id[0] in self._by_node:
+                self._by_node = self._by_node.delete(ep_id[0])
+
+    def _set(self, name: str, ident: object, value: object | None) -> None:
+        table = self._maps[name]
+        if value is not None:
+            self._maps[name] = table.set(ident, value)
+        elif ident in table:
+            self._maps[name] = table.delete(ident)
+        else:
+            return
+        self._journal.append(name, ident)
 
     def malformed(self) -> dict[str, str]:
         """Keys currently skipped because their values do not parse (path -> reason), across every watch."""
@@ -143,13 +203,24 @@ class Cache:
         return out
 
     def snapshot(self) -> Snapshot:
+        """O(1): the maps are immutable and shared."""
         with self._lock:
-            maps = {name: dict(values) for name, values in self._maps.items()}
-            return replace(
-                Snapshot(),
+            t = self._maps
+            return Snapshot(
                 revision=self._revision,
                 in_sync=self.in_sync.is_set(),
                 config=self._config,
-                broken_policies=dict(self._broken_policies),
-                **maps,  # type: ignore[arg-type]
+                bgp_peers=t["bgp_peers"],
+                pools=t["pools"],
+                blocks=t["blocks"],
+                affinities=t["affinities"],
+                nodes=t["nodes"],
+                pods=t["pods"],
+                namespaces=t["namespaces"],
+                policies=t["policies"],
+                endpoints=t["endpoints"],
+                broken_policies=t["broken_policies"],
+                endpoints_by_node=self._by_node,
+                generation=self._journal.generation,
+                journal=self._journal,
             )

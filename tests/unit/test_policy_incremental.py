@@ -10,10 +10,14 @@ from typing import Any
 
 import pytest
 
+from agent.cache import Cache
 from agent.calc.policy.chains import build_state
 from agent.calc.policy.resolve import REBUILD_THRESHOLD, PolicyCompiler, compile_policies
 from agent.calc.snapshot import Snapshot
+from datastore import codec
+from datastore import keys as k
 from datastore import model as m
+from datastore.watcher import Deleted, Malformed, Updated
 from tests.unit.policy_world import snapshot
 
 LABELS = [{"app": "web"}, {"app": "db"}, {"app": "client", "tier": "gold"}, {"tier": "silver"}, {}]
@@ -129,3 +133,47 @@ def test_many_changes_rebuild() -> None:
         for i in range(REBUILD_THRESHOLD + 1)
     }
     assert_same(inc, replace(snap, pods={**snap.pods, **pods}))
+
+
+def _feed(cache: Cache, old: Snapshot, new: Snapshot) -> None:
+    """The watcher updates that take ``cache`` from ``old`` to ``new`` (in a random-ish but fixed order)."""
+    for name in ("namespaces", "pods", "endpoints", "policies"):
+        before, after = getattr(old, name), getattr(new, name)
+        for ident in sorted(set(before) | set(after)):
+            value = after.get(ident)
+            if value is None:
+                key = codec.key_of(before[ident])
+                cache.apply("", Deleted(key, key.path, new.revision))
+            elif before.get(ident) is not value:
+                key = codec.key_of(value)
+                cache.apply("", Updated(key, key.path, value, new.revision))
+    for ident in sorted(set(old.broken_policies) | set(new.broken_policies)):
+        key = k.PolicyKey(*ident)
+        reason = new.broken_policies.get(ident)
+        if reason is not None and reason != old.broken_policies.get(ident):
+            cache.apply("", Malformed(key, key.path, reason, new.revision))
+        elif reason is None and ident not in new.policies:
+            cache.apply("", Deleted(key, key.path, new.revision))
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_incremental_through_the_cache_journal_equals_fresh(seed: int) -> None:
+    """The agent's path: snapshots of one cache, changes told by its journal (not by comparing maps)."""
+    rng = random.Random(1000 + seed)
+    cache = Cache(None)
+    model = replace(snapshot(), broken_policies={})
+    _feed(cache, Snapshot(), model)
+    inc = PolicyCompiler()
+    first = cache.snapshot()
+    assert first.journal is not None
+    assert_same(inc, first)
+    for step in range(40):
+        model = mutate(rng, model, 1 if step % 5 else rng.randrange(2, 6))
+        _feed(cache, cache.snapshot(), model)
+        snap = cache.snapshot()
+        assert snap.changes_since(first) is not None
+        assert dict(snap.pods) == dict(model.pods) and dict(snap.endpoints) == dict(model.endpoints)
+        assert dict(snap.broken_policies) == dict(model.broken_policies)
+        assert_same(inc, snap)
+        for node in ("node1", "node2"):
+            assert snap.local_endpoints(node) == [ep for key, ep in sorted(model.endpoints.items()) if key[0] == node]

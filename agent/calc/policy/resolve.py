@@ -15,7 +15,7 @@ import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import compress
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from agent.calc.policy import names
 from agent.calc.policy.selector import Selector
@@ -38,10 +38,9 @@ from agent.calc.policy.world import (
     World,
     namespace_labels,
     node_addresses,
-    pod_namespaces,
     pod_view,
 )
-from agent.calc.snapshot import Snapshot
+from agent.calc.snapshot import Changes, Snapshot
 from agent.calc.state import IpSet
 from datastore import model as m
 
@@ -200,47 +199,43 @@ class PolicyCompiler:
         self._by_ns: dict[str, set[tuple[str, str]]] = {}  # namespace -> its policies
         self._sets: dict[str, _SetDef] = {}
         self._dirty_sets: set[str] = set()
-        self._pods: dict[PodKey, m.Pod] = {}
-        self._eps: dict[tuple[str, str, str, str], m.Endpoint] = {}
+        self._pods: Mapping[PodKey, m.Pod] = {}
+        self._eps: Mapping[tuple[str, str, str, str], m.Endpoint] = {}
         self._eps_by_pod: dict[PodKey, dict[tuple[str, str, str, str], m.Endpoint]] = {}
         self._namespaces: Mapping[str, m.Namespace] = {}
         self._pod_ns: set[str] | None = None
         self._ns_label_readers = 0  # entries whose namespaceSelectors read namespace labels
+        self._ns_refs: dict[str, int] = {}  # namespace -> its pod and endpoint keys
+        self._last: Snapshot | None = None  # the snapshot the compiled state reflects
 
     def update(self, snap: Snapshot) -> Compiled:
-        changed_pods = self._pod_changes(snap)
-        # Pods' namespaces can only change when a pod or endpoint appears or goes: scanning 50 000 keys for them
-        # on every update would cost more than the rest of an incremental compile.
-        appeared_or_gone = any(k not in snap.pods or k not in self._pods for k in changed_pods) or any(
-            ek not in snap.endpoints or ek not in self._eps for eks in changed_pods.values() for ek in eks
-        )
-        if appeared_or_gone or self._pod_ns is None:
-            self._pod_ns = pod_namespaces(snap)
-        ns_labels = namespace_labels(snap, self._pod_ns)
-        changed_ns = ns_labels != self.world.ns_labels or any(
-            self._namespaces.get(k) is not v for k, v in snap.namespaces.items()
-        )
-        if changed_ns or len(changed_pods) > REBUILD_THRESHOLD:
-            self._reset()
-            self.world = World.from_snapshot(snap)
-            self._out = Compiled(self.world)
-            for ek, ep in snap.endpoints.items():
-                self._eps_by_pod.setdefault((ek[1], ek[2]), {})[ek] = ep
-        else:
-            for pod_key, endpoint_keys in sorted(changed_pods.items()):
-                self._repod(pod_key, endpoint_keys, snap)
-        # Kept by reference: a snapshot's maps are read-only, and the next update compares against them.
+        # What changed since the last update: from the cache's journal when both snapshots come from one cache
+        # (O(changed)), else by comparing the maps.
+        changes = snap.changes_since(self._last)
+        rebuilt = self._update_pods(snap, changes)
         self._pods, self._eps, self._namespaces = snap.pods, snap.endpoints, snap.namespaces
-        self.world.node_addresses = node_addresses(snap)
-        self.world.recorded_namespaces = frozenset(snap.namespaces)
-        for key in sorted(set(self._entries) | set(snap.policies) | set(snap.broken_policies)):
+        if rebuilt or changes is None or "nodes" in changes:
+            self.world.node_addresses = node_addresses(snap)
+        if rebuilt or changes is None or "namespaces" in changes:
+            self.world.recorded_namespaces = frozenset(snap.namespaces)
+        if rebuilt or changes is None:
+            policy_keys: Iterable[tuple[str, str]] = set(self._entries) | set(snap.policies) | set(snap.broken_policies)
+        else:
+            policy_keys = cast(
+                "frozenset[tuple[str, str]]",
+                changes.get("policies", frozenset()) | changes.get("broken_policies", frozenset()),
+            )
+        for key in sorted(policy_keys):
             new: m.Policy | str | None = snap.policies.get(key)
             if new is None:
                 new = snap.broken_policies.get(key)
             old = self._entries.get(key)
             if old is not None and (old.source is new or (isinstance(new, str) and old.source == new)):
                 continue
+            if old is None and new is None:
+                continue
             self._set_policy(key, new)
+        self._last = snap
         self.world.ns_labels_needed = self._ns_label_readers > 0
         for name in self._dirty_sets:
             d = self._sets.get(name)
@@ -251,12 +246,77 @@ class PolicyCompiler:
 
     # --- pods --------------------------------------------------------------------------------------------------
 
-    def _pod_changes(self, snap: Snapshot) -> dict[PodKey, set[tuple[str, str, str, str]]]:
+    def _update_pods(self, snap: Snapshot, changes: Changes | None) -> bool:
+        """Bring the world's pods up to ``snap``; True when it was rebuilt from scratch (then every policy must
+        be compiled again)."""
+        changed_pods = self._pod_changes(snap, changes)
+        # Pods' namespaces can only change when a pod or endpoint appears or goes: kept as counts per namespace
+        # so that this costs what changed, not a scan of 50 000 keys.
+        appeared_or_gone = False
+        for pod_key, endpoint_keys in changed_pods.items():
+            for was, now, ns in [
+                (pod_key in self._pods, pod_key in snap.pods, pod_key[0]),
+                *((ek in self._eps, ek in snap.endpoints, ek[1]) for ek in endpoint_keys),
+            ]:
+                if was != now:
+                    appeared_or_gone = True
+                    self._ns_refs[ns] = self._ns_refs.get(ns, 0) + (1 if now else -1)
+        if self._pod_ns is None or changes is None:
+            self._ns_refs = {}
+            for key in snap.pods:
+                self._ns_refs[key[0]] = self._ns_refs.get(key[0], 0) + 1
+            for ek in snap.endpoints:
+                self._ns_refs[ek[1]] = self._ns_refs.get(ek[1], 0) + 1
+            self._pod_ns = {ns for ns, n in self._ns_refs.items() if n > 0}
+        elif appeared_or_gone:
+            self._pod_ns = {ns for ns, n in self._ns_refs.items() if n > 0}
+        ns_inputs_changed = (
+            changes is None
+            or appeared_or_gone
+            or any(name in changes for name in ("namespaces", "policies", "broken_policies"))
+        )
+        changed_ns = False
+        if ns_inputs_changed:
+            ns_labels = namespace_labels(snap, self._pod_ns)
+            candidates: Iterable[str] = (
+                snap.namespaces if changes is None else cast("frozenset[str]", changes.get("namespaces", frozenset()))
+            )
+            changed_ns = ns_labels != self.world.ns_labels or any(
+                self._namespaces.get(k) is not snap.namespaces.get(k) for k in candidates
+            )
+        if changed_ns or len(changed_pods) > REBUILD_THRESHOLD:
+            refs, pod_ns = self._ns_refs, self._pod_ns
+            self._reset()
+            self._ns_refs, self._pod_ns = refs, pod_ns
+            self.world = World.from_snapshot(snap)
+            self._out = Compiled(self.world)
+            for ek, ep in snap.endpoints.items():
+                self._eps_by_pod.setdefault((ek[1], ek[2]), {})[ek] = ep
+            return True
+        for pod_key, endpoint_keys in sorted(changed_pods.items()):
+            self._repod(pod_key, endpoint_keys, snap)
+        return False
+
+    def _pod_changes(self, snap: Snapshot, changes: Changes | None) -> dict[PodKey, set[tuple[str, str, str, str]]]:
         """Pods whose object or endpoints changed (by identity), with their changed endpoint keys."""
         changed: dict[PodKey, set[tuple[str, str, str, str]]] = {}
-        for k in _changed_keys(snap.pods, self._pods):
+        if changes is None:
+            pod_keys: Iterable[PodKey] = _changed_keys(snap.pods, self._pods)
+            ep_keys: Iterable[tuple[str, str, str, str]] = _changed_keys(snap.endpoints, self._eps)
+        else:
+            pod_keys = [
+                k
+                for k in cast("frozenset[PodKey]", changes.get("pods", frozenset()))
+                if snap.pods.get(k) is not self._pods.get(k)
+            ]
+            ep_keys = [
+                ek
+                for ek in cast("frozenset[tuple[str, str, str, str]]", changes.get("endpoints", frozenset()))
+                if snap.endpoints.get(ek) is not self._eps.get(ek)
+            ]
+        for k in pod_keys:
             changed.setdefault(k, set())
-        for ek in _changed_keys(snap.endpoints, self._eps):
+        for ek in ep_keys:
             changed.setdefault((ek[1], ek[2]), set()).add(ek)
         return changed
 
