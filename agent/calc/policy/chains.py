@@ -141,48 +141,83 @@ def dispatch_tree(root: str, kind: str, flag: str, ifaces: list[str], target: Ca
 
 def build_state(c: Compiled, snap: Snapshot, node: str, refused: Mapping[str, str] | None = None) -> DataplaneState:
     """The desired filter table and ipsets for ``node``: only the policies and sets its endpoints need.
-    ``refused``: policy idents whose rules the kernel would not take (they allow nothing)."""
+    ``refused``: policy idents whose rules the kernel would not take (they allow nothing).
+
+    Chains are rendered once per compiled object and reused from ``c.memo`` while that object is unchanged (the
+    compiler replaces a policy's or a selection's object when it changes), so a change re-renders what it touched,
+    not every local endpoint's and policy's chains."""
     refused = refused or {}
+    memo = c.memo
     endpoints = [ep for ep in snap.local_endpoints(node) if _IFNAME.match(ep.host_iface)]
     chains: dict[str, Chain] = {}
     used_policies: dict[str, CompiledPolicy] = {}
     for ep in endpoints:
         pod = (ep.namespace, ep.pod)
         pending = c.world.pending(pod)
-        if pending is not None:
-            for direction in (EGRESS, INGRESS):
-                ch = _pending_chain(endpoint_chain(ep.host_iface, direction), pending)
-                chains[ch.name] = ch
-            continue
         for direction in (EGRESS, INGRESS):
-            pols = c.policies_for(pod, direction)
+            pols = () if pending is not None else tuple(c.policies_for(pod, direction))
             used_policies.update((p.ident, p) for p in pols)
-            ch = _endpoint_chain(endpoint_chain(ep.host_iface, direction), pols, direction)
+            key = ("endpoint", ep.host_iface, direction)
+            hit = memo.get(key)
+            if hit is not None and hit[0] == pending and hit[1] == pols:
+                ch = hit[2]
+            else:
+                name = endpoint_chain(ep.host_iface, direction)
+                ch = (
+                    _pending_chain(name, pending)
+                    if pending is not None
+                    else _endpoint_chain(name, list(pols), direction)
+                )
+                memo[key] = (pending, pols, ch)
             chains[ch.name] = ch
     used_sets: set[str] = set()
     for cp in used_policies.values():
-        for ch in policy_chains(cp, cp.ident in refused):
+        is_refused = cp.ident in refused
+        hit = memo.get(("policy", cp.ident))
+        if hit is not None and hit[0] is cp and hit[1] == is_refused:
+            rendered, sets = hit[2], hit[3]
+        else:
+            rendered = policy_chains(cp, is_refused)
+            sets = frozenset() if is_refused else _sets_of(cp)
+            memo[("policy", cp.ident)] = (cp, is_refused, rendered, sets)
+        for ch in rendered:
             chains[ch.name] = ch
-        if cp.ident in refused:
-            continue
-        for direction in cp.directions:
-            for rule in cp.rules(direction):
-                used_sets.update(p.set_name for p in rule.peers or ())
-                used_sets.update(p.named_set for p in rule.ports or () if p.named_set)
-    ifaces = sorted({ep.host_iface for ep in endpoints})
-    for ch in [
-        *dispatch_tree(FROM_POD, "fp", "-i", ifaces, lambda i: f"-g {endpoint_chain(i, EGRESS)}"),
-        *dispatch_tree(TO_POD, "tp", "-o", ifaces, lambda i: f"-g {endpoint_chain(i, INGRESS)}"),
-        *dispatch_tree(HOST_POD, "hp", "-i", ifaces, lambda _: f"{comment('pod to its own node')} -j ACCEPT"),
-        *_top_chains(),
-    ]:
+        used_sets |= sets
+    ifaces = tuple(sorted({ep.host_iface for ep in endpoints}))
+    hit = memo.get(("dispatch",))
+    if hit is not None and hit[0] == ifaces:
+        fixed = hit[1]
+    else:
+        fixed = [
+            *dispatch_tree(FROM_POD, "fp", "-i", list(ifaces), lambda i: f"-g {endpoint_chain(i, EGRESS)}"),
+            *dispatch_tree(TO_POD, "tp", "-o", list(ifaces), lambda i: f"-g {endpoint_chain(i, INGRESS)}"),
+            *dispatch_tree(HOST_POD, "hp", "-i", list(ifaces), lambda _: f"{comment('pod to its own node')} -j ACCEPT"),
+            *_top_chains(),
+        ]
+        memo[("dispatch",)] = (ifaces, fixed)
+    for ch in fixed:
         chains[ch.name] = ch
+    live = 2 * len(endpoints) + len(used_policies) + 1
+    if len(memo) > 2 * live + 64:  # objects gone since they were rendered: forget them (amortised O(1) per build)
+        keep: set[tuple[str, ...]] = {("endpoint", ep.host_iface, d) for ep in endpoints for d in (EGRESS, INGRESS)}
+        keep |= {("policy", ident) for ident in used_policies} | {("dispatch",)}
+        for stale in [key for key in memo if key not in keep]:
+            del memo[stale]
     ipsets: dict[str, IpSet] = {name: c.ipsets[name] for name in sorted(used_sets)}
     jumps = tuple(
         KernelJump(TABLE, builtin, f"-j {ours}")
         for builtin, ours in (("FORWARD", FORWARD), ("INPUT", INPUT), ("OUTPUT", OUTPUT))
     )
     return DataplaneState(ipsets=ipsets, tables={TABLE: dict(sorted(chains.items()))}, jumps=jumps)
+
+
+def _sets_of(cp: CompiledPolicy) -> frozenset[str]:
+    out: set[str] = set()
+    for direction in cp.directions:
+        for rule in cp.rules(direction):
+            out.update(p.set_name for p in rule.peers or ())
+            out.update(p.named_set for p in rule.ports or () if p.named_set)
+    return frozenset(out)
 
 
 def _top_chains() -> list[Chain]:

@@ -15,7 +15,7 @@ import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import compress
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from agent.calc.policy import names
 from agent.calc.policy.selector import Selector
@@ -115,6 +115,8 @@ class Compiled:
     ipsets: dict[str, IpSet] = field(default_factory=dict)
     statuses: dict[tuple[str, str], PolicyStatus] = field(default_factory=dict)
     selecting: dict[PodKey, set[tuple[str, str]]] = field(default_factory=dict)  # pod -> policies selecting it
+    # Rendered chains of the objects above, reused while those objects are unchanged (agent.calc.policy.chains).
+    memo: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False, repr=False)
 
     def policies_for(self, pod: PodKey, direction: str) -> list[CompiledPolicy]:
         """The policies selecting ``pod`` in ``direction``, in (namespace, name) order."""
