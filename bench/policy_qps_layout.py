@@ -89,7 +89,7 @@ def main() -> int:
             wait_http(s)
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
-            got = {n: wrk(setups[n], args.duration) for n in order}
+            got = {n: wrk(setups[n], args.duration).rps for n in order}
             base.append(got["conntrack"])
             for n in names[1:]:
                 ratios[n].append(got[n] / got["conntrack"])
