@@ -26,9 +26,12 @@ from agent.calc.policy.spec import (
     IpBlock,
     Peer,
     PolicyError,
+    PolicySpec,
     Port,
     declared_directions,
     declared_selector,
+    ipv4_span,
+    ipv4_text,
     parse_spec,
 )
 from agent.calc.policy.world import (
@@ -369,8 +372,8 @@ class PolicyCompiler:
             new = self._unreadable(key, pol)
         elif pol is not None:
             used: list[str] = []
-            cp, selector = self._compile(pol, used)
-            new = _Entry(pol, cp, selector, used, needs_ns_labels=_reads_namespace_labels(pol))
+            cp, selector, reads_ns = self._compile(pol, used)
+            new = _Entry(pol, cp, selector, used, needs_ns_labels=reads_ns)
         old = self._entries.pop(key, None)
         if old is not None:
             self._ns_label_readers -= old.needs_ns_labels
@@ -406,7 +409,9 @@ class PolicyCompiler:
         cp = CompiledPolicy(key[0], key[1], (INGRESS, EGRESS), selected, error=error)
         return _Entry(reason, cp, everything)
 
-    def _compile(self, pol: m.Policy, used: list[str]) -> tuple[CompiledPolicy, Selector]:
+    def _compile(self, pol: m.Policy, used: list[str]) -> tuple[CompiledPolicy, Selector, bool]:
+        """The compiled policy, the selector deciding which pods it selects, and whether a namespaceSelector of
+        it reads namespace labels."""
         ident = f"{pol.namespace}/{pol.name}"
         try:
             spec = parse_spec(pol.spec)
@@ -414,7 +419,8 @@ class PolicyCompiler:
             # Unreadable selector: isolate the whole namespace rather than guess which pods it meant.
             sel = declared_selector(pol.spec) or Selector()
             broken = frozenset(self.world.select([pol.namespace], sel))
-            return CompiledPolicy(pol.namespace, pol.name, declared_directions(pol.spec), broken, error=str(exc)), sel
+            cp = CompiledPolicy(pol.namespace, pol.name, declared_directions(pol.spec), broken, error=str(exc))
+            return cp, sel, False
         selected = frozenset(self.world.select([pol.namespace], spec.pod_selector))
         compiled: dict[str, tuple[CompiledRule, ...]] = {}
         for direction in DIRECTIONS:
@@ -424,7 +430,12 @@ class PolicyCompiler:
                 for i, rule in enumerate(spec.rules(direction)):
                     peers = None
                     if rule.peers is not None:
-                        found = (self._peer(pol.namespace, x, used) for x in rule.peers)
+                        # Selector peers each have their own set; every ipBlock of the list shares one (their
+                        # union), so a 12 000-CIDR allow-list is one set and one rule, not 12 000.
+                        found = [self._peer(pol.namespace, x, used) for x in rule.peers if x.ip_block is None]
+                        blocks = [x.ip_block for x in rule.peers if x.ip_block is not None]
+                        if blocks:
+                            found.append(self._ip_blocks(blocks, used))
                         peers = tuple(p for p in found if p is not None)
                     ports = None
                     if rule.ports is not None:
@@ -434,7 +445,7 @@ class PolicyCompiler:
                     rules.append(CompiledRule(ident, direction, i, peers, ports))
             compiled[direction] = tuple(rules)
         cp = CompiledPolicy(pol.namespace, pol.name, spec.directions, selected, compiled[INGRESS], compiled[EGRESS])
-        return cp, spec.pod_selector
+        return cp, spec.pod_selector, _reads_namespace_labels(spec)
 
     def _use(self, d: _SetDef, used: list[str], fill: Iterable[str]) -> str:
         """Register a use of the set ``d`` describes, creating and filling it on first use."""
@@ -458,7 +469,7 @@ class PolicyCompiler:
 
     def _peer(self, policy_ns: str, peer: Peer, used: list[str]) -> PeerMatch | None:
         if peer.ip_block is not None:
-            return self._ip_block(peer.ip_block, used)
+            return self._ip_blocks([peer.ip_block], used)
         pods = peer.pods or Selector()
         if peer.namespaces is None:
             canonical = f"pods ns={policy_ns} sel={pods.text()}"
@@ -469,15 +480,22 @@ class PolicyCompiler:
         text = f"pods {pods.text() or '(all)'} in namespaces {peer.namespaces.text() or '(all)'}"
         return PeerMatch(self._pod_set(nss, pods, canonical, used), text)
 
-    def _ip_block(self, block: IpBlock, used: list[str]) -> PeerMatch | None:
-        if block.version != 4:
-            return None  # IPv4 dataplane: an IPv6 block matches no packet it sees
-        net = ipaddress.ip_network(block.cidr)
-        # ipset's hash:net cannot hold a /0: two /1 halves cover the same space.
-        nets = [str(n) for n in net.subnets(new_prefix=1)] if net.prefixlen == 0 else [str(net)]
-        members = [*nets, *(f"{e} nomatch" for e in block.excepts)]
-        canonical = f"ipblock {block.cidr} except {','.join(block.excepts)}"
-        text = f"ipBlock {block.cidr}" + (f" except {', '.join(block.excepts)}" if block.excepts else "")
+    def _ip_blocks(self, blocks: list[IpBlock], used: list[str]) -> PeerMatch | None:
+        """One hash:net set holding exactly the addresses any of ``blocks`` admits (each block's CIDR minus its
+        excepts, the union collapsed). No ``nomatch`` entries: with several blocks a nomatch of one would shadow
+        an overlapping block that admits the address."""
+        v4 = [b for b in blocks if b.version == 4]
+        if not v4:
+            return None  # IPv4 dataplane: IPv6 blocks match no packet it sees
+        members = _block_members(v4)
+        if len(v4) == 1:
+            canonical = f"ipblock {v4[0].cidr} except {','.join(v4[0].excepts)}"
+        else:
+            canonical = f"ipblocks {' '.join(members)}"
+        texts = [b.cidr + (f" except {', '.join(b.excepts)}" if b.excepts else "") for b in v4]
+        text = f"ipBlock {texts[0]}" if len(texts) == 1 else f"ipBlocks {'; '.join(texts[:3])}"
+        if len(texts) > 3:
+            text += f"; … ({len(texts)} in all)"
         name = self._use(_SetDef(names.ipset("b", canonical), "hash:net"), used, members)
         return PeerMatch(name, text)
 
@@ -503,12 +521,106 @@ class PolicyCompiler:
         return PortMatch(port.protocol, named_set=self._use(d, used, fill), text=port.text())
 
 
-def _reads_namespace_labels(pol: m.Policy) -> bool:
-    """Whether a namespaceSelector of ``pol`` reads labels a namespace record carries (the name label is implied)."""
-    try:
-        spec = parse_spec(pol.spec)
-    except PolicyError:
-        return False
+Span = tuple[int, int]  # first and last IPv4 address, as integers
+
+
+def _block_members(blocks: list[IpBlock]) -> list[str]:
+    """hash:net members admitting exactly the union of ``blocks`` (each: its CIDR minus its excepts).
+
+    The kernel takes the most specific entry containing an address, and ``nomatch`` entries say "not in the set".
+    A block's excepts can be ``nomatch`` entries (few entries, few prefix lengths to probe per packet) when no other
+    block overlaps it: otherwise a nomatch could hide an address the other block admits, and the exact union is
+    written out instead. hash:net cannot hold a /0: it becomes its two /1 halves. Integer arithmetic: a 12 000-CIDR
+    allow-list takes milliseconds."""
+    spans = [_span(b.cidr) for b in blocks]
+    fenced = [i for i, b in enumerate(blocks) if b.excepts]
+    if not fenced:
+        return _cidrs(_merge(spans))
+
+    def exact() -> list[str]:
+        return _cidrs(_merge([sp for i, b in enumerate(blocks) for sp in _minus(spans[i], b.excepts)]))
+
+    overlapping = _overlapping(spans)
+    if any(i in overlapping for i in fenced):
+        return exact()
+    out = _cidrs(_merge([sp for i, sp in enumerate(spans) if not blocks[i].excepts]))
+    for i in fenced:
+        positive = _cidrs([spans[i]])
+        cuts = _cidrs(_merge([_span(e) for e in blocks[i].excepts]))
+        if set(cuts) & set(positive):  # a /0 minus a /1: the nomatch would collide with a positive half
+            return exact()
+        out += positive + [f"{c} nomatch" for c in cuts]
+    return out
+
+
+def _span(cidr: str) -> Span:
+    parsed = ipv4_span(cidr)
+    if parsed is None:  # validated CIDRs always parse; stay correct regardless
+        net = ipaddress.IPv4Network(cidr, strict=False)
+        return int(net.network_address), int(net.broadcast_address)
+    addr, plen = parsed
+    return addr, addr + (1 << (32 - plen)) - 1
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    """The union of ``spans`` as disjoint, non-adjacent spans, in order."""
+    out: list[Span] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1] + 1:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def _cidrs(spans: list[Span]) -> list[str]:
+    """The fewest CIDRs covering exactly ``spans`` (largest aligned block at each step; never a /0)."""
+    out = []
+    for first, end in spans:
+        at = first
+        while at <= end:
+            size = at & -at if at else 1 << 32
+            while size > end - at + 1:
+                size >>= 1
+            size = min(size, 1 << 31)
+            out.append(ipv4_text(at, 32 - size.bit_length() + 1))
+            at += size
+    return out
+
+
+def _minus(span: Span, excepts: tuple[str, ...]) -> list[Span]:
+    parts = [span]
+    for cut_start, cut_end in _merge([_span(e) for e in excepts]):
+        nxt = []
+        for start, end in parts:
+            if cut_end < start or cut_start > end:
+                nxt.append((start, end))
+                continue
+            if start < cut_start:
+                nxt.append((start, cut_start - 1))
+            if cut_end < end:
+                nxt.append((cut_end + 1, end))
+        parts = nxt
+    return parts
+
+
+def _overlapping(spans: list[Span]) -> set[int]:
+    """Indexes of the spans that overlap another one: one sort and one sweep."""
+    order = sorted(range(len(spans)), key=lambda i: spans[i])
+    out: set[int] = set()
+    reach = -1  # the highest address covered by the spans before
+    for p, i in enumerate(order):
+        start, end = spans[i]
+        if start <= reach or (p + 1 < len(order) and spans[order[p + 1]][0] <= end):
+            out.add(i)
+        reach = max(reach, end)
+    return out
+
+
+def _reads_namespace_labels(spec: PolicySpec) -> bool:
+    """Whether a namespaceSelector of ``spec`` reads labels a namespace record carries (the name label is
+    implied)."""
     return any(
         peer.namespaces is not None and any(r.key != NAME_LABEL for r in peer.namespaces.requirements)
         for direction in spec.directions

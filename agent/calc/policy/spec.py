@@ -35,7 +35,7 @@ class IpBlock:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_network(self.cidr).version
+        return 6 if ":" in self.cidr else 4
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,58 @@ def _cidr(value: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Netwo
         raise PolicyError(f"{where}: {value!r} is not a valid CIDR") from None
 
 
+_IPV4_CIDR_RE = re.compile(r"^(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})\.(0|[1-9]\d{0,2})/(0|[1-9]\d?)$")
+
+
+def ipv4_span(text: str) -> tuple[int, int] | None:
+    """(network address, prefix length) of a plain IPv4 CIDR such as "10.1.2.0/24" (host bits cleared), or None
+    for anything else (let ``ipaddress`` judge it). An allow-list of 12 000 CIDRs is parsed in milliseconds this
+    way instead of a second."""
+    mt = _IPV4_CIDR_RE.match(text)
+    if mt is None:
+        return None
+    a, b, c, d, plen = (int(x) for x in mt.groups())
+    if max(a, b, c, d) > 255 or plen > 32:
+        return None
+    addr = (a << 24) | (b << 16) | (c << 8) | d
+    mask = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+    return addr & mask, plen
+
+
+def ipv4_text(addr: int, plen: int) -> str:
+    return f"{addr >> 24}.{(addr >> 16) & 255}.{(addr >> 8) & 255}.{addr & 255}/{plen}"
+
+
+def _fast_ip_block(raw: dict[str, Any]) -> IpBlock | None:
+    """The common case (IPv4, well-formed, excepts strictly inside) without ``ipaddress``; None: take the slow,
+    fully validating path (which also words the errors)."""
+    cidr, raw_except = raw.get("cidr"), raw.get("except") or []
+    if not isinstance(cidr, str) or not isinstance(raw_except, list):
+        return None
+    net = ipv4_span(cidr.strip())
+    if net is None:
+        return None
+    excepts = set()
+    for e in raw_except:
+        ex = ipv4_span(e.strip()) if isinstance(e, str) else None
+        if (
+            ex is None
+            or ex[1] <= net[1]
+            or (ex[0] >> (32 - net[1]) if net[1] else 0) != (net[0] >> (32 - net[1]) if net[1] else 0)
+        ):
+            return None
+        excepts.add(ipv4_text(*ex))
+    return IpBlock(ipv4_text(*net), tuple(sorted(excepts)))
+
+
 def _ip_block(raw: Any, where: str) -> IpBlock:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where}: expected an object")
     if "cidr" not in raw:
         raise PolicyError(f"{where}.cidr: required")
+    fast = _fast_ip_block(raw)
+    if fast is not None:
+        return fast
     net = _cidr(raw["cidr"], f"{where}.cidr")
     excepts = []
     raw_except = raw.get("except") or []
