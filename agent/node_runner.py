@@ -381,7 +381,7 @@ class NodeRunner:
         # BGP before the kernel: a changed announcement is handed to ExaBGP before this pass goes on (other nodes
         # wait for it; our own kernel writes do not).
         self.speaker.announce(
-            plan_announcements(self.node, snap.blocks, snap.affinities, snap.endpoints.values(), snap.nodes),
+            plan_announcements(self.node, snap.blocks, snap.affinities, snap.local_endpoints(self.node), snap.nodes),
             handoff=ANNOUNCE_HANDOFF,
         )
 
