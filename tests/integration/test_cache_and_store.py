@@ -57,7 +57,17 @@ def test_cache_snapshot_follows_etcd(etcd: EtcdClient) -> None:
         assert eventually(lambda: "nsa" in cache.snapshot().namespaces and not cache.snapshot().pods)
         snap = cache.snapshot()
         assert snap.namespaces["nsa"].labels == {"team": "a"}
-        assert snap.pods == {}
+        assert dict(snap.pods) == {}
+        # Endpoints are indexed by node, and the journal says what changed between two snapshots.
+        before = cache.snapshot()
+        store.put(m.Endpoint("n1", "nsa", "b", "eth0", "cali0123456789a", ("10.244.1.3/32",)))
+        store.put(m.Endpoint("n2", "nsa", "c", "eth0", "cali0123456789b", ("10.244.2.3/32",)))
+        assert eventually(lambda: len(cache.snapshot().endpoints) == 2)
+        after = cache.snapshot()
+        assert [ep.pod for ep in after.local_endpoints("n1")] == ["b"]
+        assert after.changes_since(before) == {
+            "endpoints": frozenset({("n1", "nsa", "b", "eth0"), ("n2", "nsa", "c", "eth0")})
+        }
         etcd.delete(keys.ClusterConfigKey().path)
         assert eventually(lambda: cache.snapshot().config == m.ClusterConfig())
     finally:
