@@ -134,7 +134,8 @@ def translate(exc: grpc.RpcError) -> DatastoreError:
     """Map a gRPC error to podnet's hierarchy."""
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    # The deadline travels with the call, so etcd often gives up first and says so with code UNKNOWN.
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "context deadline exceeded" in (detail or ""):
         return TimedOut(f"etcd did not answer in time: {detail}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable(f"etcd unavailable: {detail}")

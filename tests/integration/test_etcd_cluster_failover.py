@@ -17,7 +17,7 @@ import pytest
 from agent.cache import Cache
 from datastore import codec, keys
 from datastore import model as m
-from datastore.errors import Unavailable
+from datastore.errors import TimedOut, Unavailable
 from datastore.etcd import EtcdClient
 from datastore.watcher import Deleted, InSync, Malformed, Update, Updated, Watcher
 from testbed.etcd_cluster import EtcdCluster
@@ -121,7 +121,8 @@ def test_leader_killed_and_the_cache_follows(cluster: EtcdCluster) -> None:
     leader = cluster.leader()
     f0, f1 = cluster.followers()
     client = EtcdClient([leader.endpoint, f0.endpoint, f1.endpoint])
-    writer = EtcdClient([f0.endpoint, f1.endpoint])
+    # A write sent during the election waits for a leader; a short deadline lets the writer try the other member.
+    writer = EtcdClient([f0.endpoint, f1.endpoint], timeout=1.0)
     cache = Cache(client)
     try:
         seed(writer)
@@ -133,9 +134,10 @@ def test_leader_killed_and_the_cache_follows(cluster: EtcdCluster) -> None:
         start = time.monotonic()
         cluster.kill(leader)
         writes_through(writer, "nolead")
+        written = time.monotonic() - start
         seen = wait_until(sees(cache, "nolead"), DETECT_WITHIN + 5)
         took = None if seen is None else time.monotonic() - start
-        print(f"\nleader killed -> write through a follower seen after {took}s")
+        print(f"\nleader killed -> write through a follower done after {written:.2f}s, seen after {took}s")
         assert took is not None and took < DETECT_WITHIN
         assert client.endpoint != leader.endpoint
         after = snapshots(cache)
@@ -160,10 +162,17 @@ def test_a_timed_out_call_does_not_break_the_watches(cluster: EtcdCluster) -> No
         cache.start()
         assert cache.in_sync.wait(10)
         before = snapshots(cache)
-        normal, client.timeout = client.timeout, 1e-6
-        with pytest.raises(Unavailable):
-            client.get(keys.NamespaceKey("ns0").path)
-        client.timeout = normal
+        # A linearizable read on a follower waits for the leader: with the leader hung for a moment (shorter than
+        # an election timeout, so nothing else changes) the read times out for real.
+        normal, client.timeout = client.timeout, 0.3
+        cluster.pause(leader)
+        try:
+            with pytest.raises(TimedOut):
+                client.get(keys.NamespaceKey("ns0").path)
+        finally:
+            cluster.resume(leader)
+            client.timeout = normal
+        assert client.failovers >= 1  # the read was retried on the next member, which waits for the leader too
         assert client.get(keys.NamespaceKey("ns0").path) is not None
         writes_through(writer, "deadline")
         assert wait_until(sees(cache, "deadline"), 5.0) is not None
