@@ -168,3 +168,26 @@ def test_malformed_value_is_logged_and_skipped(etcd: EtcdClient, caplog: pytest.
         assert consumer.problems == []
     finally:
         watcher.stop()
+
+
+def test_a_slow_consumer_is_not_a_stalled_stream(etcd_server: EtcdServer, etcd: EtcdClient) -> None:
+    """The progress deadline counts only while the watcher waits on etcd: a consumer that takes longer than the
+    deadline over one update must not make the watch give up on a healthy member (and re-list)."""
+    client = EtcdClient([etcd_server.endpoint], watch_progress_after=0.3, watch_stall_after=1.0)
+    consumer = Consumer()
+    watcher = Watcher(client, PREFIX, consumer).start()
+    try:
+        assert consumer.wait_for(lambda: len(consumer.in_syncs) == 1)
+        gate = threading.Event()
+        consumer.gate = gate
+        etcd.put(keys.NamespaceKey("slow").path, codec.encode(m.Namespace("slow")))
+        assert consumer.at_gate.wait(10)
+        time.sleep(2.5)  # the consumer is busy for 2.5 deadlines
+        etcd.put(keys.NamespaceKey("after").path, codec.encode(m.Namespace("after")))
+        gate.set()
+        assert consumer.wait_for(lambda: keys.NamespaceKey("after").path in consumer.view)
+        assert (watcher.stalls, watcher.reconnects, watcher.snapshots) == (0, 0, 1)
+        assert consumer.problems == []
+    finally:
+        watcher.stop()
+        client.close()
