@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 # The top-level packages whose loggers (``logging.getLogger(__name__)``) are podnet's.
-PACKAGES = ("agent", "bgp", "cni", "controller", "datastore", "ipam", "lab")
+PACKAGES = ("daemon", "agent", "bgp", "cni", "controller", "datastore", "ipam", "lab")
 
 log = logging.getLogger(__name__)
 
