@@ -184,7 +184,6 @@ class _Member:
         self.kv = etcdrpc.KVStub(self.channel)
         self.watch = etcdrpc.WatchStub(self.channel)
         self.lease = etcdrpc.LeaseStub(self.channel)
-        self.maint = etcdrpc.MaintenanceStub(self.channel)
 
 
 class EtcdClient:
