@@ -206,3 +206,27 @@ def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
     if time.monotonic() - started < 3.3:  # the first verifying pass after the start (3.6-4.4 s) has not come yet
         assert current.prefixes_received == 0, "a count-only change was written at once"
     assert eventually(lambda: (p := peer()) is not None and p.prefixes_received == 1, 10)
+
+
+def test_prefixes_churning_after_bgp_is_in_sync_leave_the_kernel_and_no_trace_in_the_runner(
+    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+) -> None:
+    """Borrowed /32s come and go with pods. Before BGP is in sync the runner must remember what BGP delivered (a
+    withdrawal of it is real even then); once BGP is in sync every learned route missing from the RIB goes anyway,
+    so that memory is dropped instead of growing with every /32 ever learned and being diffed on every pass."""
+    write_world(etcd, node)
+    r = runner_factory(node, settle=0.3, startup_grace=60, resync=30)
+    assert eventually(lambda: "blackhole 10.244.1.0/26" in podnet_routes(node), 10)
+    r.scripted.state = "Established"
+    r.scripted.notify()
+    assert eventually(lambda: r.bgp_in_sync, 5)
+    for batch in range(5):
+        prefixes = [f"10.244.{50 + batch}.{i}/32" for i in range(1, 41)]
+        r.scripted.routes = {p: LearnedRoute(p, PEER, PEER) for p in prefixes}
+        r.scripted.notify()
+        want = {f"{p.removesuffix('/32')} via {PEER} dev eth0" for p in prefixes}
+        assert eventually(lambda want=want: want <= set(podnet_routes(node)), 5), batch
+        r.scripted.routes = {}
+        r.scripted.notify()
+        assert eventually(lambda: not any(" via " in line for line in podnet_routes(node)), 5), batch
+    assert r._learned_seen == set()  # was every prefix of the run (200 here)
