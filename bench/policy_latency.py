@@ -187,6 +187,8 @@ def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str
         if ipblocks:
             peers = customer_networks(ipblocks)
             spec = {"podSelector": {}, "ingress": [{"from": peers, "ports": [{"port": 443, "protocol": "TCP"}]}]}
+            count_rules = ["sh", "-c", f"iptables-{backend}-save -t filter | grep -c '^-A'"]
+            rules_before = int(runner.run(count_rules).stdout)
             for step in ("add", "edit", "delete"):
                 t = time.perf_counter()
                 if step == "delete":
@@ -206,10 +208,7 @@ def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str
                         for line in runner.run(["ipset", "list", "-n"]).stdout.splitlines()
                         if line.startswith("podnet-b")
                     )
-                    big["ipblocks_rules"] = (
-                        int(runner.run(["sh", "-c", f"iptables-{backend}-save -t filter | grep -c '^-A'"]).stdout)
-                        - state_rules
-                    )
+                    big["ipblocks_rules"] = int(runner.run(count_rules).stdout) - rules_before
                 time.sleep(0.05)
         syncer.stop()
         cache.stop()
