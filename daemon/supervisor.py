@@ -92,21 +92,30 @@ class Supervisor:
         exit_on_death: bool = False,
         exit: Callable[[int], None] = os._exit,
     ) -> None:
-        names = [c.name for c in components]
-        if len(set(names)) != len(names):
-            raise ValueError(f"component names must be unique: {names}")
-        self.components = list(components)
+        self.components: list[Component] = []
         self.threads = threads
         self.grace = grace
         self.exit_on_death = exit_on_death
         self._exit = exit
         self._lock = threading.Lock()
-        self._state = {c.name: State.NEW for c in components}
+        self._state: dict[str, State] = {}
         self._start_error: dict[str, str] = {}
         self._stop_lock = threading.Lock()  # one stop at a time; a second stop() returns the first one's results
         self._stopped: list[StopResult] | None = None
         self._exiting = False
         threads.on_death(self._died)
+        self.add(*components)
+
+    def add(self, *components: Component) -> None:
+        """Append components (before start): the endpoints need the supervisor's ``status`` before they are one."""
+        with self._lock:
+            if any(state is not State.NEW for state in self._state.values()):
+                raise RuntimeError("components are added before the supervisor starts")
+            names = [c.name for c in self.components] + [c.name for c in components]
+            if len(set(names)) != len(names):
+                raise ValueError(f"component names must be unique: {names}")
+            self.components.extend(components)
+            self._state.update((c.name, State.NEW) for c in components)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
