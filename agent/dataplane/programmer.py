@@ -195,7 +195,8 @@ class PolicyDataplane:
         """Compare the built-in chains as read during this sync with the plan; put back a jump someone moved or
         deleted (our chains are as wanted by now, so a plan here holds only jump fixes)."""
         assert self._chains is not None
-        for table, rules in fresh.items():
+        for table, listed in fresh.items():
+            rules = {**self._builtin.get(table, {}), **listed}  # chains not re-read: as this sync left them
             plan = plan_table(
                 table,
                 desired=desired.tables.get(table, {}),
@@ -254,7 +255,9 @@ class PolicyDataplane:
                 # jump someone deleted makes the transaction fail; apply() then does a full sync.
                 plans[table] = with_jumps_reasserted(plans[table], desired.jumps)
             else:
-                to_list[table] = names
+                # A chain whose jump this sync's transaction fixes is known once it commits; a listing running
+                # beside it could read it before, and the jump would be fixed twice (or deleted twice).
+                to_list[table] = [c for c in names if c not in plans[table].jumps_fixed]
         listing = self.iptables.start_listing(to_list)
         try:
             self.ipset.restore(ipset_plan.text)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,15 +33,18 @@ class Writer:
     """``python -m agent.dataplane.run --etcd … --netns …``: in the root namespace (etcd listens on its loopback),
     programming the node's namespace."""
 
-    def __init__(self, endpoint: str, netns: str) -> None:
+    def __init__(self, endpoint: str, netns: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
         argv = [sys.executable, "-m", "agent.dataplane.run", "--etcd", endpoint, "--node", NODE, "--netns", netns]
-        self.proc = subprocess.Popen(
-            [*argv, "--resync", "1", "--backend", "nft"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
+        with contextlib.ExitStack() as files:
+            stderr = files.enter_context(log.open("a")) if log is not None else subprocess.DEVNULL
+            self.proc = subprocess.Popen(
+                [*argv, "--resync", "1", "--backend", "nft"],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
         register_child(self.proc.pid)
 
     def next_sync(self) -> str:
@@ -60,8 +64,8 @@ class Writer:
 
 
 @contextlib.contextmanager
-def writer(endpoint: str, netns: str) -> Iterator[Writer]:
-    w = Writer(endpoint, netns)
+def writer(endpoint: str, netns: str, env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[Writer]:
+    w = Writer(endpoint, netns, env, log)
     try:
         yield w
     finally:
