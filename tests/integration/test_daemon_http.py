@@ -188,6 +188,45 @@ def test_stopping_closes_the_port() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_the_endpoints_answer_while_the_others_stop_and_close_last() -> None:
+    d = make_daemon()
+    d.bgp.hang_on_stop = True
+    try:
+        wait_for(lambda: d.sup.status().ready)
+        stopper = threading.Thread(target=d.sup.stop, args=(time.monotonic() + 3.0,), daemon=True)
+        stopper.start()
+        wait_for(lambda: d.sup.status().components[2].state.value == "stopping")
+        r = get(d.port, "/readiness")
+        assert r.status == 503
+        assert r.body.splitlines()[0] == "not ready: bgp"  # stopping (the first in reverse order), and hanging
+        assert get(d.port, "/healthz").status == 200  # stopping is not dead
+        stopper.join(5)
+        assert not stopper.is_alive()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", d.port), timeout=2).close()
+    finally:
+        d.bgp.unblock.set()
+        d.sup.stop()
+
+
+def test_parallel_clients_under_the_cap_are_all_answered(daemon: Daemon) -> None:
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(25):
+            status = get(daemon.port, "/healthz").status
+            with lock:
+                codes.append(status)
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(30)
+    assert codes == [200] * 200
+
+
 def test_a_port_in_use_fails_start_naming_the_address(daemon: Daemon) -> None:
     other = HealthServer(daemon.sup.status, new_registry(), Threads(), port=daemon.port)
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{daemon.port} for /healthz"):
