@@ -9,7 +9,7 @@ from daemon.supervisor import ComponentStatus, Status
 
 
 def liveness_text(status: Status) -> str:
-    failing = "; ".join(f"{c.name}: {c.reason}" for c in status.not_live())
+    failing = "; ".join(f"{c.name}: {_one_line(c.reason)}" for c in status.not_live())
     head = "live" if status.live else f"not live: {failing}"
     return head + "\n" + table(status)
 

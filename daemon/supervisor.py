@@ -214,6 +214,7 @@ class Supervisor:
         try:
             self.stop()
         finally:
+            sys.stdout.flush()  # os._exit (the default) skips interpreter shutdown, and with it the flushes
             sys.stderr.flush()
             self._exit(EXIT_THREAD_DIED)
 
