@@ -218,7 +218,8 @@ class Resolved(NamedTuple):
 
 
 def parse_file(text: str | None, path: str = DEFAULT_CONFIG_FILE) -> dict[str, Any]:
-    """The config file's settings (file key -> YAML value); unknown keys and a malformed file are errors."""
+    """The config file's settings (file key -> YAML value; a key without a value counts as unset); unknown keys
+    and a malformed file are errors."""
     if text is None:
         return {}
     try:
@@ -234,7 +235,7 @@ def parse_file(text: str | None, path: str = DEFAULT_CONFIG_FILE) -> dict[str, A
             hint = v.suggest(str(key), list(BY_KEY))
             did = f" (did you mean {hint!r}?)" if hint else ""
             raise ConfigError(f"config file {path}: unknown key {key!r}{did}")
-    return data
+    return {key: value for key, value in data.items() if value is not None}  # "key:" with no value: unset
 
 
 def check_env(env: Mapping[str, str]) -> None:

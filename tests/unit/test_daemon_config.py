@@ -252,7 +252,7 @@ def test_the_json_values_are_a_config_file_that_gives_the_same_config() -> None:
         "statusTTL: 30\nworkdir: /var/lib/podnet\nexabgpLogLevel: debug\nrunCNI: false\nnetns: lab-n1\n",
     )
     data = json.loads(c.render(got, "json"))
-    as_file = yaml.safe_dump({k: d["value"] for k, d in data.items() if d["value"] is not None})
+    as_file = yaml.safe_dump({k: d["value"] for k, d in data.items()})  # null: unset
     again = run(file=as_file)
     assert again.config == got.config
     assert again.config.health_bind == BindAddress("::1", 0) and again.config.exabgp_log_level == "DEBUG"
