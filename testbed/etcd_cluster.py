@@ -22,6 +22,19 @@ from testbed.etcd_server import PROGRESS_NOTIFY_INTERVAL, etcd_binary, free_port
 from testbed.procs import register_child, unregister_child
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (state "T"); a SIGSTOP is only queued until each is scheduled."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(") ", 1)[1][0] != "T":
+                    return False
+    except OSError:
+        return False
+    return True
+
+
 class Member:
     def __init__(self, name: str, directory: Path) -> None:
         self.name = name
@@ -151,6 +164,9 @@ class EtcdCluster:
         assert m.proc is not None
         os.kill(m.proc.pid, signal.SIGSTOP)
         m.paused = True
+        deadline = time.monotonic() + 5
+        while not _stopped(m.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def resume(self, m: Member) -> None:
         if m.proc is not None and m.paused:
