@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -194,6 +195,19 @@ class Cache:
         else:
             return
         self._journal.append(name, ident)
+
+    def problems(self, progress_timeout: float = 30.0) -> list[str]:
+        """Why the cache cannot be trusted to follow etcd (empty: it can): a watch thread that died, or one that
+        has heard nothing from etcd (not even a progress answer, asked for every few seconds) for longer than
+        ``progress_timeout`` seconds. The daemon's liveness reports these."""
+        now = time.monotonic()
+        out = []
+        for w in self.watchers:
+            if not w.alive():
+                out.append(f"watch {w.prefix}: thread ended")
+            elif now - w.last_progress > progress_timeout:
+                out.append(f"watch {w.prefix}: no progress for {now - w.last_progress:.0f} s")
+        return out
 
     def malformed(self) -> dict[str, str]:
         """Keys currently skipped because their values do not parse (path -> reason), across every watch."""

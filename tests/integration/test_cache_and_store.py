@@ -70,5 +70,8 @@ def test_cache_snapshot_follows_etcd(etcd: EtcdClient) -> None:
         }
         etcd.delete(keys.ClusterConfigKey().path)
         assert eventually(lambda: cache.snapshot().config == m.ClusterConfig())
+        assert cache.problems() == []
     finally:
         cache.stop()
+    # A stopped (or dead) watch is reported, naming its prefix.
+    assert any(p.startswith(f"watch {keys.PODS_PREFIX}") and "ended" in p for p in cache.problems())
