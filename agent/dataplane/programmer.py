@@ -315,8 +315,8 @@ class PolicyDataplane:
         The refused line names its chain when the tool says which line failed (nft does for a rule the kernel
         refuses); otherwise (legacy reports the COMMIT) the chains are bisected. Chains not in the kernel yet are
         first created as placeholders, so that the rest can be written a group at a time in any order."""
-        if chain_of_line(failure.line) is None and failure.line not in (None, "COMMIT"):
-            raise failure  # a jump or deletion line failed, not a chain: nothing to narrow
+        if not plan.chains_written or (chain_of_line(failure.line) is None and failure.line not in (None, "COMMIT")):
+            raise failure  # a jump or deletion failed, not a chain: nothing to narrow
         chains = desired.tables.get(table, {})
         new = [name for name in plan.chains_written if name not in existing]
         holders = {name: self._placeholder(table, name, desired.jumps) for name in plan.chains_written}
