@@ -219,7 +219,8 @@ class Speaker:
                 self._best_changed()
             if self._write_config():
                 self._reload_pending = True
-                if self._exabgp_alive:  # else the next ExaBGP reads the new file when it starts
+                # Only once ExaBGP has read its file (its bridge has said hello): before that it may read this one.
+                if self._exabgp_alive and self._bridge_generation == self._generation:
                     for address in recreated:
                         self._sessions[address].awaiting_reload = self._config_generation
             self._kick()

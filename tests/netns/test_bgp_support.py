@@ -264,6 +264,10 @@ class GoBGP:
                         info["originator_id"] = attr.get("value")
                     elif t == 10:
                         info["cluster_list"] = attr.get("value")
+                    elif t == 2:  # AS_PATH: (segment type 1 = set, 2 = sequence; its AS numbers) per segment
+                        info["as_path"] = [
+                            (seg.get("segment_type"), seg.get("asns")) for seg in attr.get("as_paths", [])
+                        ]
                 if path.get("best", True):
                     out[prefix] = info
         return out
