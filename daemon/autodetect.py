@@ -178,7 +178,7 @@ def _why_not(a: Address, extra_skip: Sequence[re.Pattern[str]] = (), use_default
 
 
 def _seen(notes: list[str]) -> str:
-    return "; ".join(notes) if notes else "the node has no IPv4 address"
+    return "; ".join(notes) if notes else "the node has no global IPv4 address"
 
 
 def _scan(

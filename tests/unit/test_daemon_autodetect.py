@@ -56,7 +56,7 @@ def test_first_found_with_nothing_usable_says_what_it_saw() -> None:
     with pytest.raises(AutodetectError) as exc:
         select(parse_method("first-found"), NODE[:8])
     assert str(exc.value).startswith("first-found: no usable IPv4 address (lo 127.0.0.1/8 skipped (lo); ")
-    with pytest.raises(AutodetectError, match=r"first-found: no usable IPv4 address \(the node has no IPv4"):
+    with pytest.raises(AutodetectError, match=r"first-found: no usable IPv4 address \(the node has no global IPv4"):
         select(parse_method("first-found"), [])
 
 
