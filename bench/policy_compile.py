@@ -160,7 +160,7 @@ def main() -> int:
         rows.append(line)
     note = f", {args.note}" if args.note else ""
     header = (
-        f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}{note} — new model (endpoints on every node, 100 "
+        f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}{note} — new model (endpoints on every node, 100 "
         f"pods per node), snapshots from agent.cache.Cache — `bench/policy_compile.py --sizes {args.sizes} "
         f"--changes {args.changes}`\n\n"
         f"{describe(load_before)}; head `{head}`.\n\n"

@@ -23,6 +23,7 @@ Appends a table to bench/results/policy.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -60,6 +61,24 @@ LOCAL = 100
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+class GcPauses:
+    """Python's cyclic garbage collector stops every thread while it runs: its full (generation 2) passes over a
+    big cache are a candidate for latency tails, so the child records them."""
+
+    def __init__(self) -> None:
+        self.full: list[float] = []
+        self._t = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.full.append(time.perf_counter() - self._t)
 
 
 def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str, ipblocks: int) -> dict[str, Any]:
@@ -146,6 +165,7 @@ def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str
 
         # Changes: relabel a local pod (its sets change), change one policy's port (its chain changes), relabel a
         # pod of another node (sets with its IP change; in a cluster of N nodes, N-1 of N pod changes are these).
+        pauses = GcPauses()
         lat: list[float] = []
         snap_t: list[float] = []
         comp: list[float] = []
@@ -177,6 +197,7 @@ def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str
             comp.append(compile_s.get(r.revision, float("nan")))
             write.append(r.seconds)
             time.sleep(0.05)
+        gc_full = list(pauses.full)
         by_kind = {
             kind: [x for x, k_ in zip(lat, kinds, strict=True) if k_ == kind]
             for kind in ("local pod", "policy", "remote pod")
@@ -231,6 +252,8 @@ def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str
         "write_p99_s": pct(write, 0.99),
         "changes": changes,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gc_full": len(gc_full),
+        "gc_full_max_s": max(gc_full, default=0.0),
         **big,
     }
 
@@ -301,8 +324,8 @@ def main() -> int:
         "",
         "| pods / policies / nodes | rules / set members | change → kernel p50 / p99 | local pod / policy / remote pod "
         "p50 (p99) | of which snapshot / compile p50 | compile p99 | write p50 / p99 | cold sync: compile + write "
-        "| restore floor | write / floor | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| restore floor | write / floor | peak RSS | full GC passes during the changes (longest) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kinds = " / ".join(f"{v[0] * ms:.0f} ({v[1] * ms:.0f})" for v in r["kinds"].values())
@@ -312,7 +335,8 @@ def main() -> int:
             f"| {r['snapshot_p50_s'] * ms:.1f} / {r['compile_p50_s'] * ms:.1f} ms | {r['compile_p99_s'] * ms:.0f} ms "
             f"| {r['write_p50_s'] * ms:.1f} / {r['write_p99_s'] * ms:.1f} ms "
             f"| {r['cold_compile_s'] * ms:.0f} + {r['cold_write_s'] * ms:.0f} ms | {r['floor_s'] * ms:.0f} ms "
-            f"| {r['cold_write_s'] / r['floor_s']:.2f}x | {r['peak_rss_mb']:.0f} MB |"
+            f"| {r['cold_write_s'] / r['floor_s']:.2f}x | {r['peak_rss_mb']:.0f} MB "
+            f"| {r['gc_full']} ({r['gc_full_max_s'] * ms:.0f} ms) |"
         )
     if args.ipblocks:
         lines += [
