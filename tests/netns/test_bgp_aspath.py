@@ -78,5 +78,6 @@ def test_a_path_with_our_own_as_is_refused_and_counted(netns_bed: NetnsBed, tmp_
             [x_status] = [p for p in s.peer_status() if p.address == x_ip]
             assert x_status.prefixes_received == 1, f"{name} keeps a route with its own AS on the path"
             assert set(s.rejected_routes()) == {"as-loop"} and set(s.rejected_routes()["as-loop"]) == {x_ip}
-        # a still reaches b's block through b itself, not through the outside
+        # a reaches b's block through b itself, never through the outside
+        wait(lambda: b_block in sp["a"].best_routes(), 20, "a learns b's block from b")
         assert (sp["a"].best_routes()[b_block].peer, sp["a"].best_routes()[b_block].as_path) == (addr["b"], ())
