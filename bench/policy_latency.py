@@ -81,10 +81,12 @@ class GcPauses:
             self.full.append(time.perf_counter() - self._t)
 
 
-def child(endpoint: str, pods: int, policies: int, changes: int, *, backend: str, ipblocks: int) -> dict[str, Any]:
+def child(
+    endpoint: str, pods: int, policies: int, changes: int, *, backend: str, ipblocks: int, namespaces: int
+) -> dict[str, Any]:
     client = EtcdClient([endpoint])
     client.delete_prefix("/")
-    cluster = synthetic(pods, policies, NODE, LOCAL)
+    cluster = synthetic(pods, policies, NODE, LOCAL, namespaces=namespaces)
     objs = cluster.objects()
     for i in range(0, len(objs), 100):
         client.txn([], [Put(codec.key_of(o).path, codec.encode(o)) for o in objs[i : i + 100]])
@@ -264,6 +266,12 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=20)
     ap.add_argument("--backend", default="nft", choices=["nft", "legacy"])
     ap.add_argument("--ipblocks", type=int, default=12000, help="CIDRs in the allow-list policy (0: skip)")
+    ap.add_argument(
+        "--namespaces",
+        type=int,
+        default=0,
+        help="namespaces at every size (default: one per 100 pods; a fixed count keeps the node's own rules alike)",
+    )
     ap.add_argument("--note", default="", help="a word for the results header (e.g. before / after a change)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -272,7 +280,15 @@ def main() -> int:
         endpoint, pods, policies = args.child.split(",")
         print(
             json.dumps(
-                child(endpoint, int(pods), int(policies), args.changes, backend=args.backend, ipblocks=args.ipblocks)
+                child(
+                    endpoint,
+                    int(pods),
+                    int(policies),
+                    args.changes,
+                    backend=args.backend,
+                    ipblocks=args.ipblocks,
+                    namespaces=args.namespaces,
+                )
             )
         )
         return 0
@@ -299,6 +315,8 @@ def main() -> int:
                     args.backend,
                     "--ipblocks",
                     str(args.ipblocks),
+                    "--namespaces",
+                    str(args.namespaces),
                 ],
                 capture_output=True,
                 text=True,
@@ -318,7 +336,9 @@ def main() -> int:
     note = f", {args.note}" if args.note else ""
     lines = [
         f"### Programming latency, {stamp} UTC{note} (new model: endpoints on every node, {LOCAL} pods per node; "
-        f"iptables-{args.backend}, {args.changes} changes per size; real etcd → cache → compiler → writers)",
+        f"iptables-{args.backend}, {args.changes} changes per size"
+        f"{f', {args.namespaces} namespaces at every size' if args.namespaces else ''}; "
+        "real etcd → cache → compiler → writers)",
         "",
         f"{describe(load_before)}; head `{head}`.",
         "",
