@@ -161,7 +161,13 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     # A quiet watch sends no data; gRPC's default stops pinging after two pings without data.
     ("grpc.http2.max_pings_without_data", 0),
+    # Snapshots are read in pages (PAGE_KEYS) so a response stays far below this; one watch response can still
+    # carry a large transaction's events, and gRPC's 4 MiB default would then fail the watch forever.
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+# Keys per page of a prefix read: 50 000 endpoints are ~19 MB in one response (over gRPC's 4 MiB default, and a
+# 19 MB burst of memory); pages of 2 000 keys at one pinned revision are ~1 MB each and read the same snapshot.
+PAGE_KEYS = 2000
 
 # Ask the member to refuse (and to cancel our watches) when it has no leader: a member cut off from the quorum
 # otherwise serves a watch that never delivers again. This is what etcd's own client does (WithRequireLeader).
@@ -280,22 +286,33 @@ class EtcdClient:
         )
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    def get_prefix(self, prefix: str, revision: int = 0) -> tuple[list[KV], int]:
-        """Every key under ``prefix`` (sorted), and the revision the read was served at."""
-        req = etcdrpc.RangeRequest(
-            key=encode_key(prefix),
-            range_end=prefix_end(prefix),
-            revision=revision,
-            sort_order=etcdrpc.RangeRequest.ASCEND,
-            sort_target=etcdrpc.RangeRequest.KEY,
-        )
-        try:
-            resp = self._call(lambda m: m.kv.Range, req, idempotent=True)
-        except DatastoreError as exc:
-            if "compacted" in str(exc):
-                raise Compacted(0) from None
-            raise
-        return [_kv(x) for x in resp.kvs], resp.header.revision
+    def get_prefix(self, prefix: str, revision: int = 0, page: int = PAGE_KEYS) -> tuple[list[KV], int]:
+        """Every key under ``prefix`` (sorted), and the revision the read was served at. Read in pages of ``page``
+        keys, every page at the revision of the first, so the result is one consistent snapshot however large."""
+        out: list[KV] = []
+        start = encode_key(prefix)
+        end = prefix_end(prefix)
+        while True:
+            req = etcdrpc.RangeRequest(
+                key=start,
+                range_end=end,
+                revision=revision,
+                limit=page,
+                sort_order=etcdrpc.RangeRequest.ASCEND,
+                sort_target=etcdrpc.RangeRequest.KEY,
+            )
+            try:
+                resp = self._call(lambda m: m.kv.Range, req, idempotent=True)
+            except DatastoreError as exc:
+                if "compacted" in str(exc):
+                    raise Compacted(0) from None
+                raise
+            if revision == 0:
+                revision = int(resp.header.revision)  # later pages read the same snapshot
+            out += [_kv(x) for x in resp.kvs]
+            if not resp.more or not resp.kvs:
+                return out, revision
+            start = bytes(resp.kvs[-1].key) + b"\0"
 
     def revision(self) -> int:
         req = etcdrpc.RangeRequest(key=b"\0", count_only=True)

@@ -144,3 +144,21 @@ def test_quiet_watch_is_kept_alive_by_progress_requests(etcd_server: EtcdServer)
     finally:
         watcher.stop()
         client.close()
+
+
+def test_large_prefix_is_read_in_pages_of_one_snapshot(etcd: EtcdClient) -> None:
+    """6 MB under one prefix (over gRPC's 4 MiB default for one response: 50 000 endpoints are ~19 MB) is read
+    whole, in pages that all see the revision of the first."""
+    value = b"x" * 2048
+    for start in range(0, 3000, 100):
+        etcd.txn([], [Put(f"/big/{i:05d}", value) for i in range(start, start + 100)])
+    kvs, rev = etcd.get_prefix("/big/")
+    assert [kv.key for kv in kvs] == [f"/big/{i:05d}" for i in range(3000)]
+    etcd.put("/big/00000", b"changed")
+    etcd.put("/big/99999", b"new")
+    # Pinned to the first read's revision, small pages see neither write.
+    again, pinned = etcd.get_prefix("/big/", revision=rev, page=7)
+    assert pinned == rev
+    assert [(kv.key, kv.value) for kv in again] == [(kv.key, kv.value) for kv in kvs]
+    latest, _ = etcd.get_prefix("/big/", page=1000)
+    assert len(latest) == 3001 and latest[0].value == b"changed"
