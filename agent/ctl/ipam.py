@@ -77,7 +77,12 @@ def _selector(value: str) -> dict[str, str]:
 @pools_group.command("add")
 @click.argument("cidr")
 @click.option("--block-size", type=int, default=26, show_default=True, help="Prefix length of the pool's blocks.")
-@click.option("--encapsulation", type=click.Choice(m.ENCAPSULATIONS), default="vxlan", show_default=True)
+@click.option(
+    "--encapsulation",
+    type=click.Choice(m.ENCAPSULATIONS),
+    default=None,
+    help="Default: the cluster config's encapsulation (/podnet/v1/config/cluster), vxlan without one.",
+)
 @click.option("--cross-subnet", is_flag=True, help="Encapsulate only between nodes on different subnets.")
 @click.option("--nat-outgoing", is_flag=True, help="Masquerade traffic leaving the pool.")
 @click.option("--disabled", is_flag=True, help="Create the pool disabled (no new allocations).")
@@ -87,7 +92,7 @@ def pools_add(  # noqa: PLR0917 - one parameter per click option
     ctl: CtlContext,
     cidr: str,
     block_size: int,
-    encapsulation: str,
+    encapsulation: str | None,
     cross_subnet: bool,
     nat_outgoing: bool,
     disabled: bool,
@@ -99,11 +104,18 @@ def pools_add(  # noqa: PLR0917 - one parameter per click option
             net = ipaddress.ip_network(cidr, strict=True)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="CIDR") from None
+        if nat_outgoing and net.version == 6:
+            # podnet writes IPv4 iptables only: accepting it would store a setting that does nothing.
+            raise click.BadParameter("natOutgoing is not supported on IPv6 pools", param_hint="--nat-outgoing")
+        store = Store(ctl.client)
+        if encapsulation is None:
+            cluster = store.get(k.ClusterConfigKey(), m.ClusterConfig)
+            encapsulation = (cluster.value if cluster is not None else m.ClusterConfig()).encapsulation
         pool = m.IPPool(
             str(net), block_size, encapsulation, cross_subnet, nat_outgoing, disabled, _selector(node_selector)
         )
-        add_pool(Store(ctl.client), pool)
-    click.echo(f"added pool {pool.cidr}")
+        add_pool(store, pool)
+    click.echo(f"added pool {pool.cidr} ({pool.encapsulation})")
 
 
 @pools_group.command("delete")

@@ -116,3 +116,15 @@ def test_release_and_pools_commands(etcd_server: EtcdServer, etcd: EtcdClient) -
     assert ctl(etcd_server, "gc", "--grace", "0") == (0, "released 0 leaked handle(s)\n")
     assert ctl(etcd_server, "pools", "delete", "10.244.0.0/16") == (0, "deleted pool 10.244.0.0/16\n")
     assert etcd.get_prefix("/podnet/v1/ipam/")[0] == []
+
+
+def test_pool_add_takes_the_cluster_default_encapsulation(etcd_server: EtcdServer, etcd: EtcdClient) -> None:
+    """ClusterConfig.encapsulation is the default of `agentctl ipam pools add` (a stored setting is never ignored)."""
+    assert ctl(etcd_server, "pools", "add", "10.244.0.0/16") == (0, "added pool 10.244.0.0/16 (vxlan)\n")
+    Store(etcd).put(m.ClusterConfig(encapsulation="none"))
+    assert ctl(etcd_server, "pools", "add", "10.245.0.0/16") == (0, "added pool 10.245.0.0/16 (none)\n")
+    assert ctl(etcd_server, "pools", "add", "10.246.0.0/16", "--encapsulation", "ipip")[1].endswith("(ipip)\n")
+    code, out = ctl(etcd_server, "pools", "add", "fd00:10::/64", "--nat-outgoing")
+    assert code == 2 and "natOutgoing is not supported on IPv6 pools" in out
+    pools = {p.value.cidr: p.value.encapsulation for p in Store(etcd).list("/podnet/v1/ipam/pools/", m.IPPool)}
+    assert pools == {"10.244.0.0/16": "vxlan", "10.245.0.0/16": "none", "10.246.0.0/16": "ipip"}
