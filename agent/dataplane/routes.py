@@ -156,6 +156,23 @@ class RouteWriter:
             log.warning("route %s: %s", cidr, why)
         return result
 
+    def remove_all(self) -> list[str]:
+        """Delete every route carrying ``ROUTE_PROTO`` (uninstall); anyone else's routes stay. Returns the removed
+        destinations."""
+        removed: list[str] = []
+        for cidr, kr in sorted(self.dump().items()):
+            if kr.proto != ROUTE_PROTO:
+                continue
+            try:
+                self.nl.ipr.route("del", **_delete_request(kr))
+            except NetlinkError as exc:
+                if exc.code != 3:  # ESRCH: gone already (its device went away meanwhile)
+                    raise
+            removed.append(cidr)
+        self._model = None
+        self._stale_since.clear()
+        return removed
+
     def _remove_stale(
         self,
         have: dict[str, KernelRoute],
