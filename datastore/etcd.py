@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -130,15 +131,42 @@ def _kv(raw: Any) -> KV:
     )
 
 
-def translate(exc: grpc.RpcError) -> DatastoreError:
-    """Map a gRPC error to podnet's hierarchy."""
+# What gRPC says when a TLS handshake fails, by cause (grpcio 1.85, etcd 3.4): our CA did not sign the server's
+# certificate; the server rejected our certificate or its absence (it sends a bad_certificate alert, which gRPC
+# reports as a decryption failure). A plain-text client meeting a TLS server sees only "Socket closed", which an
+# etcd restart also causes, so that gets no hint.
+_TLS_SERVER_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+_TLS_CLIENT_REJECTED = ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
+_TLS_OTHER = ("Tls handshake failed", "Handshake failed", "SSL_ERROR", "TSI_")
+
+
+def _tls_hint(detail: str, tls: EtcdTLS | None) -> str | None:
+    """A sentence naming the TLS problem behind an UNAVAILABLE, or None if it does not look like one. gRPC's own
+    words ("Unwrap failed (TSI_DATA_CORRUPTED)") do not tell an operator that a certificate is the problem."""
+    if tls is None:
+        return None
+    if any(m in detail for m in _TLS_SERVER_UNTRUSTED):
+        ca = f"the CA in {tls.ca_file}" if tls.ca_file else "the system's CAs"
+        return f"TLS handshake failed: etcd's server certificate is not signed by {ca} (or not for this address)"
+    if any(m in detail for m in _TLS_CLIENT_REJECTED):
+        if tls.cert_file is None:
+            return "TLS handshake failed: etcd rejected the connection; it requires a client certificate (none given)"
+        return f"TLS handshake failed: etcd rejected the client certificate {tls.cert_file} (not signed by its CA?)"
+    if any(m in detail for m in _TLS_OTHER):
+        return "TLS handshake failed"
+    return None
+
+
+def translate(exc: grpc.RpcError, tls: EtcdTLS | None = None) -> DatastoreError:
+    """Map a gRPC error to podnet's hierarchy (``tls``: what the channel used, to explain handshake failures)."""
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     # The deadline travels with the call, so etcd often gives up first and says so with code UNKNOWN.
     if code == grpc.StatusCode.DEADLINE_EXCEEDED or "context deadline exceeded" in (detail or ""):
         return TimedOut(f"etcd did not answer in time: {detail}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"etcd unavailable: {detail}")
+        hint = _tls_hint(detail or "", tls)
+        return Unavailable(f"etcd unavailable: {hint} ({detail})" if hint else f"etcd unavailable: {detail}")
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (detail or ""):
         return Compacted(0)
     if code == grpc.StatusCode.NOT_FOUND and "lease" in (detail or ""):
@@ -180,13 +208,68 @@ WATCH_PROGRESS_AFTER = 5.0
 WATCH_STALL_AFTER = 10.0
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """TLS towards etcd: the CA that signs its server certificates (None: the system's roots) and this client's
+    certificate and key (both or neither; etcd started with --client-cert-auth requires them)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("etcd TLS: a client certificate needs its key and a key its certificate (give both)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Read the files now (a missing or unreadable one is named in the error) into gRPC's credentials."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca_file, "CA"),
+            private_key=_read_pem(self.key_file, "client key"),
+            certificate_chain=_read_pem(self.cert_file, "client certificate"),
+        )
+
+
+def _read_pem(path: Path | str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"etcd TLS {what} file {path}: {exc.strerror or exc}") from None
+    # gRPC takes any bytes here and fails much later, at the handshake, with a message that names no file.
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"etcd TLS {what} file {path}: not a PEM file")
+    return data
+
+
+def endpoint_target(endpoint: str, tls: bool) -> str:
+    """``host:port`` from an endpoint given as ``host:port``, ``http://host:port`` or ``https://host:port``; a
+    scheme that contradicts ``tls`` is refused rather than silently speaking the other protocol."""
+    if endpoint.startswith("https://"):
+        if not tls:
+            raise ValueError(f"etcd endpoint {endpoint} is https:// but no etcd TLS files (CA/cert/key) are set")
+        return endpoint.removeprefix("https://")
+    if endpoint.startswith("http://"):
+        if tls:
+            raise ValueError(f"etcd endpoint {endpoint} is plain http:// but etcd TLS files are set (use https://)")
+        return endpoint.removeprefix("http://")
+    return endpoint
+
+
 class _Member:
     """One endpoint's channel and stubs. Its channel stays open while the client lives: a failed call on one
     member must not tear down the streams other watches have on it (they notice their own failures)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self, target: str, tls: EtcdTLS | None = None, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.tls = tls
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self.kv = etcdrpc.KVStub(self.channel)
         self.watch = etcdrpc.WatchStub(self.channel)
         self.lease = etcdrpc.LeaseStub(self.channel)
@@ -206,10 +289,13 @@ class EtcdClient:
         timeout: float = DEFAULT_TIMEOUT,
         watch_progress_after: float = WATCH_PROGRESS_AFTER,
         watch_stall_after: float = WATCH_STALL_AFTER,
+        tls: EtcdTLS | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        self.endpoints = [e.removeprefix("http://") for e in endpoints]
+        self.endpoints = [endpoint_target(e, tls is not None) for e in endpoints]
+        self.tls = tls
+        self._credentials = tls.credentials() if tls is not None else None
         self.timeout = timeout
         self.watch_progress_after = watch_progress_after
         self.watch_stall_after = watch_stall_after
@@ -233,7 +319,7 @@ class EtcdClient:
             i = self._index
             member = self._members.get(i)
             if member is None:
-                member = self._members[i] = _Member(self.endpoints[i])
+                member = self._members[i] = _Member(self.endpoints[i], self.tls, self._credentials)
             return i, member
 
     def _failed(self, index: int, err: DatastoreError) -> None:
@@ -256,7 +342,7 @@ class EtcdClient:
             try:
                 return rpc(member)(request, timeout=self.timeout, metadata=REQUIRE_LEADER)
             except grpc.RpcError as exc:
-                err = translate(exc)
+                err = translate(exc, member.tls)
                 if isinstance(err, Unavailable):
                     self._failed(index, err)
                     if attempt + 1 < attempts:
@@ -385,7 +471,7 @@ class EtcdClient:
                 ttl = int(resp.TTL)
                 break
         except grpc.RpcError as exc:
-            err = translate(exc)
+            err = translate(exc, member.tls)
             if isinstance(err, Unavailable):
                 self._failed(index, err)
             raise err from None
@@ -492,6 +578,7 @@ class WatchStream:
         self, member: _Member, prefix: str, start_revision: int, progress_after: float, stall_after: float
     ) -> None:
         self.endpoint = member.target
+        self.tls = member.tls
         self.progress_after = progress_after
         self.stall_after = stall_after
         self.on_failure: Callable[[DatastoreError], None] | None = None
@@ -567,7 +654,7 @@ class WatchStream:
                     raise Stalled(f"watch on {self.endpoint} silent for {self.stall_after:.0f}s") from None
                 if self._cancelled:
                     return
-                raise translate(exc) from None
+                raise translate(exc, self.tls) from None
             self._waiting_since = None
             if resp.compact_revision:
                 raise Compacted(int(resp.compact_revision))

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from datastore.errors import DatastoreError
-from datastore.etcd import EtcdClient
+from datastore.etcd import EtcdClient, EtcdTLS
+from testbed.certs import ServerTLS, etcdctl_tls_args
 from testbed.etcd_server import PROGRESS_NOTIFY_INTERVAL, etcd_binary, free_port
 from testbed.procs import register_child, unregister_child
 
@@ -36,8 +37,9 @@ def _stopped(pid: int) -> bool:
 
 
 class Member:
-    def __init__(self, name: str, directory: Path) -> None:
+    def __init__(self, name: str, directory: Path, tls: bool = False) -> None:
         self.name = name
+        self.scheme = "https" if tls else "http"
         self.dir = directory
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -50,7 +52,7 @@ class Member:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{self.scheme}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
@@ -58,17 +60,28 @@ class Member:
 
 
 class EtcdCluster:
-    """``start()`` brings up ``size`` members and waits for a leader; ``stop()`` removes everything it made."""
+    """``start()`` brings up ``size`` members and waits for a leader; ``stop()`` removes everything it made.
 
-    def __init__(self, size: int = 3) -> None:
+    With ``tls`` every member serves clients only over https (peers still talk plain HTTP on loopback);
+    ``client_tls`` is what the test bed itself connects with."""
+
+    def __init__(self, size: int = 3, tls: ServerTLS | None = None, client_tls: EtcdTLS | None = None) -> None:
+        if tls is not None and client_tls is None:
+            raise ValueError("an etcd cluster with TLS needs client_tls for the test bed's own calls")
+        self.tls = tls
+        self.client_tls = client_tls
         self.binary = etcd_binary()
         self.dir = Path(tempfile.mkdtemp(prefix="podnet-etcd-cluster-"))
         self.token = f"podnet-{secrets.token_hex(4)}"
-        self.members = [Member(f"m{i}", self.dir / f"m{i}") for i in range(size)]
+        self.members = [Member(f"m{i}", self.dir / f"m{i}", tls is not None) for i in range(size)]
 
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -102,6 +115,7 @@ class EtcdCluster:
                 "--auto-compaction-retention=0",
                 "--log-level=warn",
                 "--logger=zap",
+                *(self.tls.etcd_flags() if self.tls else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -116,7 +130,7 @@ class EtcdCluster:
         for m in self.members:
             if m.proc is None or m.paused:
                 continue
-            with EtcdClient([m.endpoint], timeout=1.0) as client:
+            with EtcdClient([m.endpoint], timeout=1.0, tls=self.client_tls) as client:
                 while True:
                     if m.proc.poll() is not None:
                         raise RuntimeError(f"etcd {m.name} exited with {m.proc.returncode}: {self.log_tail(m)}")
@@ -190,8 +204,10 @@ class EtcdCluster:
 
     def etcdctl(self, *args: str, endpoints: list[str] | None = None, timeout: float = 30) -> str:
         """Run etcdctl (the tool operators use) against the cluster, or against ``endpoints``."""
+        scheme = "https" if self.tls else "http"
+        urls = [e if "://" in e else f"{scheme}://{e}" for e in endpoints or self.endpoints]
         out = subprocess.run(
-            ["etcdctl", f"--endpoints={','.join(endpoints or self.endpoints)}", *args],
+            ["etcdctl", f"--endpoints={','.join(urls)}", *etcdctl_tls_args(self.client_tls), *args],
             check=True,
             capture_output=True,
             env={**os.environ, "ETCDCTL_API": "3"},

@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from datastore.etcd import EtcdClient
+from datastore.etcd import EtcdClient, EtcdTLS
+from testbed.certs import ServerTLS, etcdctl_tls_args
 from testbed.procs import register_child, unregister_child
 
 # etcd's default is 10 minutes; a quiet watch then hears nothing for that long. The watcher asks for progress
@@ -32,10 +33,17 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    """Start with ``start()``; ``restart()`` keeps the data; ``stop()`` removes everything it made."""
+    """Start with ``start()``; ``restart()`` keeps the data; ``stop()`` removes everything it made.
 
-    def __init__(self, binary: str = "etcd") -> None:
+    With ``tls`` it serves only https (and, with client-cert auth, only to certificates its CA signed);
+    ``client_tls`` is what the test bed itself connects with (readiness, compaction, etcdctl)."""
+
+    def __init__(self, binary: str = "etcd", tls: ServerTLS | None = None, client_tls: EtcdTLS | None = None) -> None:
+        if tls is not None and client_tls is None:
+            raise ValueError("an etcd with TLS needs client_tls for the test bed's own calls")
         self.binary = etcd_binary(binary)
+        self.tls = tls
+        self.client_tls = client_tls
         self.dir = Path(tempfile.mkdtemp(prefix="podnet-etcd-"))
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -47,7 +55,11 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    def client(self, timeout: float = 5.0) -> EtcdClient:
+        """A client the server accepts (with the test bed's TLS material when it has TLS)."""
+        return EtcdClient([self.url], timeout=timeout, tls=self.client_tls)
 
     def start(self, timeout: float = 20.0) -> EtcdServer:
         log = open(self.dir / "etcd.log", "ab")  # noqa: SIM115 - the child owns it for its lifetime
@@ -66,6 +78,7 @@ class EtcdServer:
                 # Tests compact history on purpose; nothing else should.
                 "--auto-compaction-retention=0",
                 f"--experimental-watch-progress-notify-interval={PROGRESS_NOTIFY_INTERVAL}",
+                *(self.tls.etcd_flags() if self.tls else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -78,7 +91,7 @@ class EtcdServer:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        client = EtcdClient([self.endpoint], timeout=1.0)
+        client = self.client(timeout=1.0)
         try:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
@@ -119,7 +132,7 @@ class EtcdServer:
 
     def compact(self) -> int:
         """Compact all history up to the current revision; returns that revision."""
-        with EtcdClient([self.endpoint]) as client:
+        with self.client() as client:
             rev = client.revision()
             client.compact(rev)
             return rev
@@ -127,7 +140,7 @@ class EtcdServer:
     def etcdctl(self, *args: str) -> str:
         """Run etcdctl against this server (the tool operators use)."""
         out = subprocess.run(
-            ["etcdctl", f"--endpoints={self.url}", *args],
+            ["etcdctl", f"--endpoints={self.url}", *etcdctl_tls_args(self.client_tls), *args],
             check=True,
             capture_output=True,
             env={**os.environ, "ETCDCTL_API": "3"},

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from datastore.etcd import DEFAULT_TIMEOUT, EtcdClient
+from datastore.etcd import DEFAULT_TIMEOUT, EtcdClient, EtcdTLS
 
 
 @dataclass
@@ -16,12 +16,13 @@ class CtlContext:
     endpoints: list[str]
     node: str
     timeout: float = DEFAULT_TIMEOUT  # seconds per etcd request
+    tls: EtcdTLS | None = None
     _client: EtcdClient | None = field(default=None, repr=False)
 
     @property
     def client(self) -> EtcdClient:
         if self._client is None:
-            self._client = EtcdClient(self.endpoints, timeout=self.timeout)
+            self._client = EtcdClient(self.endpoints, timeout=self.timeout, tls=self.tls)
         return self._client
 
     def close(self) -> None:

@@ -7,8 +7,16 @@ see the same as a shell), and ``main`` catches whatever is left. ``--debug`` let
 
 from __future__ import annotations
 
+import os
 import sys
+
+# gRPC's C core writes TLS handshake failures to stderr itself; the operator gets them as the one Error: line. It
+# reads this when grpc is imported, hence before the imports below; only in the console script, --debug keeps them.
+if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "agentctl") and "--debug" not in sys.argv[1:]:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,7 +27,7 @@ from agent.ctl import resources as resource_cmds
 from agent.ctl.context import CtlContext, default_node
 from agent.ctl.ipam import ipam_group
 from datastore.errors import DatastoreError, Unavailable
-from datastore.etcd import DEFAULT_TIMEOUT
+from datastore.etcd import DEFAULT_TIMEOUT, EtcdTLS, endpoint_target
 
 
 def version() -> str:
@@ -74,7 +82,25 @@ class CtlGroup(click.Group):
     envvar="PODNET_ETCD_ENDPOINTS",
     default="127.0.0.1:2379",
     show_default=True,
-    help="Comma-separated etcd endpoints (host:port).",
+    help="Comma-separated etcd endpoints (host:port, or https://host:port with TLS).",
+)
+@click.option(
+    "--etcd-ca-file",
+    envvar="PODNET_ETCD_CA_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificate that signs etcd's server certificates (turns TLS on).",
+)
+@click.option(
+    "--etcd-cert-file",
+    envvar="PODNET_ETCD_CERT_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Client certificate for etcd (TLS; with --etcd-key-file).",
+)
+@click.option(
+    "--etcd-key-file",
+    envvar="PODNET_ETCD_KEY_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The client certificate's private key (with --etcd-cert-file).",
 )
 @click.option("--node", envvar="PODNET_NODE_NAME", default=None, help="This node's name (default: hostname).")
 @click.option(
@@ -88,9 +114,30 @@ class CtlGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Show the Python traceback of an unexpected error.")
 @click.version_option(version(), "--version", prog_name="agentctl", message="%(prog)s (podnet) %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, etcd_endpoints: str, node: str | None, timeout: float, debug: bool) -> None:
+def cli(
+    ctx: click.Context,
+    *,
+    etcd_endpoints: str,
+    etcd_ca_file: Path | None,
+    etcd_cert_file: Path | None,
+    etcd_key_file: Path | None,
+    node: str | None,
+    timeout: float,
+    debug: bool,
+) -> None:
     """Inspect and operate podnet: BGP status, routes, IPAM, policy."""
-    ctl = CtlContext([e.strip() for e in etcd_endpoints.split(",") if e.strip()], node or default_node(), timeout)
+    endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
+    tls = None
+    try:
+        # Checked here, before any command runs, so a wrong scheme or an unreadable file is one clear line.
+        if etcd_ca_file or etcd_cert_file or etcd_key_file:
+            tls = EtcdTLS(etcd_ca_file, etcd_cert_file, etcd_key_file)
+            tls.credentials()
+        for endpoint in endpoints:
+            endpoint_target(endpoint, tls is not None)
+    except ValueError as exc:
+        raise click.ClickException(_one_line(str(exc))) from None
+    ctl = CtlContext(endpoints, node or default_node(), timeout, tls)
     ctx.obj = ctl
     ctx.call_on_close(ctl.close)
 
