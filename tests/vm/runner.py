@@ -288,6 +288,43 @@ def selection(user_args: list[str]) -> list[str]:
     return user_args if names_tests else [*DEFAULT_SELECTION, *user_args]
 
 
+LOCKUP_SIGNS = ("soft lockup", "rcu_preempt detected stalls")
+
+
+def run_guest(args: argparse.Namespace, kdir: Path, initramfs: Path, pytest_args: list[str]) -> tuple[int, bool]:
+    """One boot: the pytest status (NO_RESULT when the guest gave none) and whether the guest's kernel reported
+    stuck CPUs on its console."""
+    with tempfile.TemporaryDirectory(prefix="podnet-vm-out-") as tmp:
+        out = Path(tmp)
+        write_job(out, kdir, args.python, pytest_args)
+        console = out / "console.log"
+        log(f"booting {kdir.name} (pytest {' '.join(pytest_args)})")
+        status = boot(qemu_command(kdir, initramfs, out, args.memory, args.cpus), console, args.timeout)
+        rc_file = out / "rc"
+        if status is None:
+            log(f"guest timed out after {args.timeout:.0f} s")
+            rc = NO_RESULT
+        elif not rc_file.exists():
+            log(f"guest ended (qemu status {status}) without a result")
+            rc = NO_RESULT
+        else:
+            rc = int(rc_file.read_text().strip() or NO_RESULT)
+        report = out / "report.xml"
+        if args.junitxml and report.exists():
+            Path(args.junitxml).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(report, args.junitxml)
+        hang = False
+        if rc != 0:
+            logdir = Path(args.log_dir)
+            logdir.mkdir(parents=True, exist_ok=True)
+            saved = logdir / f"console-{time.strftime('%Y%m%dT%H%M%S')}.log"
+            shutil.copyfile(console, saved)
+            log(f"guest console saved to {saved}")
+            text = console.read_text(errors="replace") if console.exists() else ""
+            hang = rc == NO_RESULT and any(sign in text for sign in LOCKUP_SIGNS)
+    return rc, hang
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--junitxml", help="copy the guest's JUnit report here")
@@ -333,32 +370,15 @@ def main(argv: list[str]) -> int:
         initramfs = prepare_initramfs(kdir)
     prepared = time.monotonic()
 
-    with tempfile.TemporaryDirectory(prefix="podnet-vm-out-") as tmp:
-        out = Path(tmp)
-        write_job(out, kdir, args.python, pytest_args)
-        console = out / "console.log"
-        log(f"booting {kdir.name} (pytest {' '.join(pytest_args)})")
-        status = boot(qemu_command(kdir, initramfs, out, args.memory, args.cpus), console, args.timeout)
+    for attempt in (1, 2):
+        rc, emulator_hang = run_guest(args, kdir, initramfs, pytest_args)
         elapsed = time.monotonic() - prepared
-        rc_file = out / "rc"
-        if status is None:
-            log(f"guest timed out after {args.timeout:.0f} s")
-            rc = NO_RESULT
-        elif not rc_file.exists():
-            log(f"guest ended (qemu status {status}) without a result")
-            rc = NO_RESULT
-        else:
-            rc = int(rc_file.read_text().strip() or NO_RESULT)
-        report = out / "report.xml"
-        if args.junitxml and report.exists():
-            Path(args.junitxml).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(report, args.junitxml)
-        if rc != 0:
-            logdir = Path(args.log_dir)
-            logdir.mkdir(parents=True, exist_ok=True)
-            saved = logdir / f"console-{time.strftime('%Y%m%dT%H%M%S')}.log"
-            shutil.copyfile(console, saved)
-            log(f"guest console saved to {saved}")
+        if rc == 0 or not emulator_hang or attempt == 2:
+            break
+        # The guest's own kernel reported CPUs stuck (soft lockup / RCU stall) and the run produced no result: the
+        # emulator, not a test, failed (seen once in three runs under TCG). One more boot; a test failure or a hang
+        # without those reports is never retried.
+        log("guest kernel reported a soft lockup under emulation and gave no result: booting once more")
     log(f"pytest status {rc}; prepare {prepared - started:.1f} s, boot + tests {elapsed:.1f} s")
     return rc
 
