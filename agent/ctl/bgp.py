@@ -1,5 +1,6 @@
-"""`agentctl status` (the node's BGP peers, like `calicoctl node status`) and `agentctl routes` (what each node's
-agent programmed). Both read the lease-bound status the agents publish in etcd, so a dead agent shows as such."""
+"""`agentctl status` (the node agent's readiness, policy and route sync, and its BGP peers, like `calicoctl node
+status`) and `agentctl routes` (what each node's agent programmed). Both read the lease-bound status the agents
+publish in etcd, so a dead agent shows as such."""
 
 from __future__ import annotations
 
@@ -25,18 +26,52 @@ def _ip_order(ip: str) -> tuple[int, int]:
     return addr.version, int(addr)
 
 
+def _sync(mode_on: bool, revision: int | None, seen: int) -> str:
+    """``revision 40 of 42``: the kernel reflects the datastore up to revision 40; the agent has seen 42."""
+    if not mode_on:
+        return "off"
+    if revision is None:
+        return "nothing applied yet"
+    return f"revision {revision} of {seen}"
+
+
+def _agent_lines(a: m.AgentStatus) -> list[str]:
+    sync = f"in sync (revision {a.revision})" if a.in_sync else "NOT in sync"
+    lines = [
+        f"podnet agent on {a.node}: {sync}, since {_since(a.since)}",
+        f"AS number {a.as_number or '-'}, router ID {a.router_id or '-'}",
+    ]
+    if a.ready is not None:  # a podnet-agent (a bare node runner reports none of this)
+        lines.append("readiness: ready" if a.ready else "readiness: NOT ready: " + ("; ".join(a.not_ready) or "?"))
+        lines.append(f"modes: {', '.join(a.modes) or 'none'}")
+        lines.append(f"policy: {_sync('firewall' in a.modes, a.policy_revision, a.revision)}")
+        lines.append(f"routes: {_sync('router' in a.modes, a.routes_revision, a.revision)}")
+        if a.version:
+            lines.append(f"version: {a.version}")
+    lines.extend(f"rejected policy: {r}" for r in a.rejected_policies)
+    lines.extend(f"problem: {p}" for p in a.problems)
+    return lines
+
+
 @click.command("status")
 @click.option("--node", "node_opt", default=None, help="Show this node instead of the local one.")
 @output_option
 @pass_ctl
 def status(ctl: CtlContext, node_opt: str | None, output: str) -> None:
-    """The node's BGP peers (address, type, state, since, info), its AS, router ID and whether it is in sync."""
+    """The node agent's readiness, run modes, policy and route sync (the datastore revision the kernel reflects, of
+    the one the agent has seen), rejected policies, and its BGP peers (address, type, state, since, info). Exit
+    status 1 when the node has no running agent (its status is bound to the agent's lease)."""
     node = node_opt or ctl.node
     store = Store(ctl.client)
     agent = store.get(k.AgentStatusKey(node), m.AgentStatus)
-    peers = sorted(
-        (v.value for v in store.list(k.bgp_status_prefix(node), m.BGPPeerStatus)),
-        key=lambda p: _ip_order(p.peer_ip),
+    # Peers and routes are bound to the same lease as agents/<node>: with no agent there are none to show.
+    peers = (
+        []
+        if agent is None
+        else sorted(
+            (v.value for v in store.list(k.bgp_status_prefix(node), m.BGPPeerStatus)),
+            key=lambda p: _ip_order(p.peer_ip),
+        )
     )
     data: dict[str, Any] = {
         "node": node,
@@ -46,16 +81,11 @@ def status(ctl: CtlContext, node_opt: str | None, output: str) -> None:
     }
     if output == "json":
         emit(data, [], [], "json")
+    elif agent is None:
+        click.echo(f"podnet agent on {node} is not running (no status in etcd: its lease has ended, or it never ran).")
     else:
-        if agent is None:
-            click.echo(f"podnet agent on {node} is not running (no status in etcd).")
-        else:
-            a = agent.value
-            sync = f"in sync (revision {a.revision})" if a.in_sync else "NOT in sync"
-            click.echo(f"podnet agent on {node}: {sync}, since {_since(a.since)}")
-            click.echo(f"AS number {a.as_number or '-'}, router ID {a.router_id or '-'}")
-            for problem in a.problems:
-                click.echo(f"problem: {problem}")
+        for line in _agent_lines(agent.value):
+            click.echo(line)
         click.echo("")
         click.echo("BGP peers:")
         emit(

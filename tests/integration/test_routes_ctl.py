@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -58,6 +59,84 @@ def test_status_shows_the_peer_table_identity_and_sync(etcd: EtcdClient, etcd_se
         assert [p["state"] for p in doc["peers"]] == ["Invalid", "Established", "Active"]
     finally:
         pub.close()
+
+
+def test_status_shows_readiness_modes_and_policy_and_route_sync_then_that_the_agent_is_gone(
+    etcd: EtcdClient, etcd_server: EtcdServer
+) -> None:
+    pub = StatusPublisher(etcd, "n1")
+    agent = m.AgentStatus(
+        "n1",
+        True,
+        57,
+        "192.168.77.11",
+        64512,
+        since="2026-11-23T01:02:03.4+00:00",
+        ready=False,
+        not_ready=("bgp: 0 of 2 peers established", "policy: first apply not done"),
+        modes=("router", "firewall", "cni"),
+        policy_revision=None,
+        routes_revision=55,
+        rejected_policies=("nsa/deny-all: podSelector: bad label value",),
+        version="0.4.0",
+    )
+    try:
+        pub.publish_agent(agent)
+        pub.publish_peers(
+            {"192.168.77.12": m.BGPPeerStatus("n1", "192.168.77.12", "node-to-node mesh", "Connect")},
+        )
+        code, out = run(etcd_server, "status")
+        assert code == 0, out
+        assert out.splitlines()[:9] == [
+            "podnet agent on n1: in sync (revision 57), since 2026-11-23 01:02:03",
+            "AS number 64512, router ID 192.168.77.11",
+            "readiness: NOT ready: bgp: 0 of 2 peers established; policy: first apply not done",
+            "modes: router, firewall, cni",
+            "policy: nothing applied yet",
+            "routes: revision 55 of 57",
+            "version: 0.4.0",
+            "rejected policy: nsa/deny-all: podSelector: bad label value",
+            "",
+        ]
+        assert "192.168.77.12 | node-to-node mesh | Connect" in out
+
+        # Ready, the firewall off: policy sync says so.
+        pub.publish_agent(
+            dataclasses.replace(
+                agent, ready=True, not_ready=(), modes=("router", "cni"), routes_revision=57, rejected_policies=()
+            )
+        )
+        code, out = run(etcd_server, "status")
+        assert code == 0, out
+        assert out.splitlines()[2:6] == [
+            "readiness: ready",
+            "modes: router, cni",
+            "policy: off",
+            "routes: revision 57 of 57",
+        ]
+        doc = json.loads(run(etcd_server, "status", "-o", "json")[1])
+        assert doc["running"] is True
+        assert {
+            key: doc["agent"][key] for key in ("ready", "notReady", "modes", "policyRevision", "routesRevision")
+        } == {
+            "ready": True,
+            "notReady": [],
+            "modes": ["router", "cni"],
+            "policyRevision": None,
+            "routesRevision": 57,
+        }
+        assert doc["agent"]["rejectedPolicies"] == [] and doc["agent"]["version"] == "0.4.0"
+        assert [p["state"] for p in doc["peers"]] == ["Connect"]
+    finally:
+        pub.close(revoke=True)  # the agent is gone: its lease and every key bound to it
+
+    code, out = run(etcd_server, "status")
+    assert code == 1
+    assert out.splitlines() == [
+        "podnet agent on n1 is not running (no status in etcd: its lease has ended, or it never ran)."
+    ]
+    code, out = run(etcd_server, "status", "-o", "json")
+    assert code == 1 and json.loads(out) == {"node": "n1", "running": False, "agent": None, "peers": []}
 
 
 def test_routes_lists_every_node_or_one(etcd: EtcdClient, etcd_server: EtcdServer) -> None:
