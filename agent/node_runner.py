@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,18 +94,43 @@ def _now() -> str:
 
 
 class NodeRunner:
-    def __init__(self, client: EtcdClient, config: RunnerConfig) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        config: RunnerConfig,
+        *,
+        cache: Cache | None = None,
+        reporter: StatusReporter | None = None,
+        publish_agent: bool = True,
+    ) -> None:
+        """``cache`` and ``reporter``: shared with the rest of ``podnet-agent`` (then started and stopped by it);
+        by default the runner makes its own. ``publish_agent=False``: the owner composes the agent's status key
+        from ``agent_view`` and the other components' state."""
         self.client = client
         self.config = config
         self.node = config.node
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.cache = Cache(client, on_change=self._datastore_changed)
+        self._owns_cache = cache is None
+        if cache is None:
+            self.cache = Cache(client, on_change=self._datastore_changed)
+        else:
+            self.cache = cache
+            cache.subscribe(self._datastore_changed)
         self.netlink = Netlink(config.netns)
         self.links = LinkWriter(self.netlink)
         self.routes = RouteWriter(self.netlink)
-        self.status = StatusPublisher(client, config.node, ttl=config.status_ttl)
-        self.reporter = StatusReporter(self.status)
+        self._owns_reporter = reporter is None
+        self.status: StatusPublisher | None = None
+        if reporter is None:
+            self.status = StatusPublisher(client, config.node, ttl=config.status_ttl)
+            reporter = StatusReporter(self.status)
+        self.reporter = reporter
+        self.publish_agent = publish_agent
+        # For the owner's health and status (read from other threads: each is replaced, never mutated).
+        self.last_progress = time.monotonic()  # the loop's last round
+        self.applied_revision: int | None = None  # the datastore revision the kernel's routes were computed from
+        self.agent_view: m.AgentStatus | None = None  # what the runner would publish as the agent's status
         self.speaker: Speaker | None = None
         self._identity: SpeakerIdentity | None = None
         self._peer_inputs: tuple[object, ...] = ()  # what the speaker's peer set was last planned from
@@ -130,12 +156,19 @@ class NodeRunner:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
-    def start(self) -> NodeRunner:
+    def start(self, spawn: Callable[[str, Callable[[], None]], threading.Thread] | None = None) -> NodeRunner:
+        """``spawn(name, target)`` starts the loop's thread (the daemon's supervised threads); default: a plain
+        daemon thread."""
         self._started = time.monotonic()
-        self.reporter.start()
-        self.cache.start()
-        self._thread = threading.Thread(target=self._loop, name=f"runner-{self.node}", daemon=True)
-        self._thread.start()
+        if self._owns_reporter:
+            self.reporter.start()
+        if self._owns_cache:
+            self.cache.start()
+        if spawn is None:
+            self._thread = threading.Thread(target=self._loop, name=f"runner-{self.node}", daemon=True)
+            self._thread.start()
+        else:
+            self._thread = spawn(f"routes-{self.node}", self._loop)
         return self
 
     def stop(self, withdraw: bool = True) -> None:
@@ -147,10 +180,28 @@ class NodeRunner:
             self._thread.join(timeout=30)
         if self.speaker is not None:
             self.speaker.stop(withdraw=withdraw)
-        self.cache.stop()
-        self.reporter.stop()
-        self.status.close(revoke=True)
+        if self._owns_cache:
+            self.cache.stop()
+        if self._owns_reporter:
+            self.reporter.stop()
+        if self.status is not None:
+            self.status.close(revoke=True)
         self.netlink.close()
+
+    def bgp_readiness(self) -> tuple[bool, str]:
+        """Ready the way calico-node's ``-bird-ready`` means it: within ``startup_grace`` of start every configured
+        peer Established, after it at least one; no peers: ready."""
+        speaker = self.speaker
+        if speaker is None:
+            return False, "bgp: speaker not started (waiting for the datastore and this node's record)"
+        peers = [p for p in speaker.peer_status() if p.state != "Invalid"]
+        up = sum(1 for p in peers if p.state == "Established")
+        text = f"bgp: {up} of {len(peers)} peers established"
+        if not peers:
+            return True, "bgp: no peers configured"
+        if time.monotonic() - self._started < self.config.startup_grace:
+            return up == len(peers), text
+        return up > 0, text
 
     @property
     def bgp_in_sync(self) -> bool:
@@ -172,6 +223,7 @@ class NodeRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.last_progress = time.monotonic()
             deadline = self._next_verify if self._recheck_at is None else min(self._next_verify, self._recheck_at)
             timeout = max(0.0, min(deadline - time.monotonic(), self.config.bgp_poll))
             woken = self._wake.wait(timeout=timeout)
@@ -228,7 +280,7 @@ class NodeRunner:
             self._in_sync_since = _now()
         if not snap.in_sync:
             self._agent_published = None
-            self.reporter.offer_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
+            self._offer_agent(m.AgentStatus(self.node, False, snap.revision, since=self._in_sync_since))
             return
         self._follow_log_level(snap.config)
         me = snap.nodes.get(self.node)
@@ -237,9 +289,7 @@ class NodeRunner:
             # deleted by mistake must not cut the node off) and say why.
             why = f"no node record for {self.node}: BGP not started, kernel left as it is"
             self._agent_published = None
-            self.reporter.offer_agent(
-                m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
-            )
+            self._offer_agent(m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,)))
             return
         problems = bgp_config_problems(snap, self.cache.malformed())
         self._steer_speaker(snap, me)
@@ -263,6 +313,7 @@ class NodeRunner:
         if not verify and plan == self.last_plan and not withdrawn - self._withdrawn_done:
             # Nothing for the kernel (a pass for a change that does not touch routes: a pod's labels, a policy).
             self._publish(self.last_result, problems, snap.revision, refresh=False)
+            self.applied_revision = snap.revision
             return
         self._withdrawn_done = set(withdrawn)
         if tracing:
@@ -291,6 +342,7 @@ class NodeRunner:
             )
         self.last_plan, self.last_result = plan, result
         self._publish(result, problems, snap.revision, refresh=verify)
+        self.applied_revision = snap.revision
 
     def _publish(self, result: RouteResult | None, problems: list[str], revision: int, refresh: bool) -> None:
         """Write what changed; ``refresh`` (the verifying passes) also writes what is only counted (peers' prefix
@@ -317,11 +369,17 @@ class NodeRunner:
         )
         # The revision moves with every datastore change: alone, it is refreshed by the verifying passes, not each
         # pass (one etcd write per node per change would be the cluster's busiest traffic).
+        self.agent_view = agent
         last = self._agent_published
         if last is not None and not refresh and dataclasses.replace(last, revision=revision) == agent:
             return
-        self.reporter.offer_agent(agent)
+        self._offer_agent(agent)
         self._agent_published = agent
+
+    def _offer_agent(self, agent: m.AgentStatus) -> None:
+        self.agent_view = agent
+        if self.publish_agent:
+            self.reporter.offer_agent(agent)
 
     def _withdrawn(self, learned: list[LearnedRoute], learned_in_sync: bool) -> set[str]:
         """Prefixes BGP delivered in this run and then withdrew: they leave the kernel even before BGP is in sync.

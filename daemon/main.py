@@ -1,12 +1,19 @@
 """Entry point of ``podnet-agent``.
 
-    podnet-agent cleanup [--netns NS] [--backend auto|legacy|nft] [--node NAME --etcd-endpoints HOST:PORT[,…]]
-
-Only ``cleanup`` exists so far (``daemon.cleanup``); the daemon itself and every other subcommand say "not
-implemented yet" and exit 2.
+podnet-agent [run] [OPTIONS]       the node daemon (daemon.run); OPTIONS: podnet-agent --help
+podnet-agent config [OPTIONS] [-o text|json]   the effective configuration, with the source of each value
+podnet-agent cleanup [--netns NS] [--backend auto|legacy|nft] [--node NAME --etcd-endpoints HOST:PORT[,…]]
+podnet-agent version
 """
 
 from __future__ import annotations
+
+import os
+
+# gRPC's C core reads these when it is imported: its fork-support and info lines say nothing about podnet (our
+# channels are never used in a child process), so they are off unless asked for.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import argparse
 import logging
@@ -17,8 +24,6 @@ from agent.dataplane.backend import BACKENDS
 from agent.dataplane.netlink import NetlinkError
 from daemon.cleanup import cleanup
 from datastore.errors import DatastoreError
-
-NOT_IMPLEMENTED = "podnet-agent: not implemented yet"
 
 
 def _cleanup(argv: Sequence[str]) -> int:
@@ -52,13 +57,41 @@ def _cleanup(argv: Sequence[str]) -> int:
     return 0
 
 
+def _config(argv: Sequence[str]) -> int:
+    from daemon import config as c
+    from daemon import config_cli
+
+    parser = config_cli.build_parser("podnet-agent config", "Print the effective configuration and its sources.")
+    parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    args = parser.parse_args(argv)
+    try:
+        resolved = config_cli.load(args)
+    except c.ConfigError as exc:
+        print(f"podnet-agent config: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(c.render(resolved, args.output))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["cleanup"]:
+    command = args[0] if args and not args[0].startswith("-") else "run"
+    rest = args[1:] if args and not args[0].startswith("-") else args
+    if command == "cleanup":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return _cleanup(args[1:])
-    # The daemon and the other subcommands are built by a later issue.
-    print(NOT_IMPLEMENTED, file=sys.stderr)
+        return _cleanup(rest)
+    if command == "config":
+        return _config(rest)
+    if command == "version":
+        from daemon.node import version
+
+        print(f"podnet-agent {version()}")
+        return 0
+    if command == "run":
+        from daemon.run import run
+
+        return run(rest)
+    print(f"podnet-agent: unknown command {command!r} (run, config, cleanup, version)", file=sys.stderr)
     return 2
 
 

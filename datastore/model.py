@@ -552,7 +552,12 @@ class BGPPeerStatus:
 @dataclass(frozen=True)
 class AgentStatus:
     """A node agent's own state for operators (lease-bound): in sync with the datastore or not, its BGP identity,
-    and what it could not program."""
+    what it could not program, and (written by ``podnet-agent``) its readiness, its run modes and the datastore
+    revision each half of the dataplane reflects.
+
+    ``revision`` is the datastore revision the agent has seen; ``policy_revision`` / ``routes_revision`` the one the
+    policy rules / the routes and devices in the kernel were last computed from (None: that mode is off, or nothing
+    applied yet). A tool that made a change at revision R waits until both are at least R."""
 
     node: str
     in_sync: bool = False
@@ -561,10 +566,20 @@ class AgentStatus:
     as_number: int | None = None
     since: str = ""  # ISO 8601 time in_sync last changed
     problems: tuple[str, ...] = ()
+    ready: bool | None = None  # None: not reported (a bare node runner)
+    not_ready: tuple[str, ...] = ()  # "component: reason" for each component that is not ready
+    modes: tuple[str, ...] = ()  # of "router", "firewall", "cni"
+    policy_revision: int | None = None
+    routes_revision: int | None = None
+    rejected_policies: tuple[str, ...] = ()  # "namespace/name: reason"
+    version: str = ""
 
     @classmethod
     def from_json(cls, d: JsonObject) -> AgentStatus:
         rid = f.opt_string(d, "routerID")
+        ready = d.get("ready")
+        if ready is not None and not isinstance(ready, bool):
+            raise ModelError(f"ready: expected a boolean or null, found {type(ready).__name__}")
         return cls(
             node=f.string(d, "node"),
             in_sync=f.boolean(d, "inSync"),
@@ -573,10 +588,17 @@ class AgentStatus:
             as_number=f.opt_integer(d, "asNumber", lo=1, hi=MAX_AS),
             since=f.string(d, "since", ""),
             problems=f.string_list(d, "problems"),
+            ready=ready,
+            not_ready=f.string_list(d, "notReady"),
+            modes=f.string_list(d, "modes"),
+            policy_revision=f.opt_integer(d, "policyRevision", lo=0),
+            routes_revision=f.opt_integer(d, "routesRevision", lo=0),
+            rejected_policies=f.string_list(d, "rejectedPolicies"),
+            version=f.string(d, "version", ""),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "node": self.node,
             "inSync": self.in_sync,
             "revision": self.revision,
@@ -585,3 +607,14 @@ class AgentStatus:
             "since": self.since,
             "problems": list(self.problems),
         }
+        if self.ready is not None:
+            out |= {
+                "ready": self.ready,
+                "notReady": list(self.not_ready),
+                "modes": list(self.modes),
+                "policyRevision": self.policy_revision,
+                "routesRevision": self.routes_revision,
+                "rejectedPolicies": list(self.rejected_policies),
+                "version": self.version,
+            }
+        return out

@@ -20,11 +20,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.calc.policy import PolicyStatus
-from agent.calc.state import Chain, DataplaneState
 from agent.dataplane.backend import detect
 from agent.dataplane.cmd import Runner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
@@ -64,92 +62,17 @@ def _from_file(path: Path) -> tuple[Callable[[], Desired | None], Callable[[Poli
     return desired, watch
 
 
-class RejectedLog:
-    """Logs a policy's rejection when it starts or its reason changes, and when it ends: not on every sync."""
-
-    def __init__(self) -> None:
-        self.current: dict[tuple[str, str], str] = {}
-
-    def update(self, statuses: Mapping[tuple[str, str], PolicyStatus]) -> None:
-        now = {key: s.reason for key, s in statuses.items() if not s.accepted}
-        for key, reason in sorted(now.items()):
-            if self.current.get(key) != reason:
-                logging.warning("policy %s/%s rejected: %s", key[0], key[1], reason)
-        for key in sorted(set(self.current) - set(now)):
-            logging.info("policy %s/%s no longer rejected", key[0], key[1])
-        self.current = now
-
-
-class PolicyChains:
-    """Which policy a chain was compiled from (its ``pi-``/``pe-`` chains), for charging a kernel refusal to it."""
-
-    def __init__(self) -> None:
-        self._names: dict[str, tuple[str, str]] = {}  # policy ident -> its two chain names (hashing is not free)
-
-    def source_of(self, idents: list[str]) -> Callable[[str], str | None]:
-        from agent.calc.policy.chains import policy_chain
-        from agent.calc.policy.spec import EGRESS, INGRESS
-
-        def find(chain: str) -> str | None:
-            if not chain.startswith(("podnet-pi-", "podnet-pe-")):
-                return None
-            for ident in idents:
-                if ident not in self._names:
-                    self._names[ident] = (policy_chain(ident, INGRESS), policy_chain(ident, EGRESS))
-                if chain in self._names[ident]:
-                    return ident
-            return None
-
-        return find
-
-
-# Test hook: PODNET_TEST_MISSING_MATCH=sctp makes the writer behave as on a kernel without the sctp match (xt_sctp,
-# an optional module some kernels lack): each rule using it is written with the ipvs match instead, which this
-# kernel does lack, so the kernel refuses exactly the rules such a kernel would. Nothing else is altered.
-MISSING_MATCH_ENV = "PODNET_TEST_MISSING_MATCH"
-
-
-def simulate_missing_match(state: DataplaneState, match: str) -> DataplaneState:
-    def alter(chain: Chain) -> Chain:
-        rules = tuple(r.replace(f"-m {match} --dport ", "-m ipvs --vport ") for r in chain.rules)
-        return chain if rules == chain.rules else Chain(chain.name, rules, chain.hashed)
-
-    tables = {t: {n: alter(c) for n, c in chains.items()} for t, chains in state.tables.items()}
-    return DataplaneState(state.ipsets, tables, state.jumps)
-
-
 def _from_etcd(
     endpoints: list[str], node: str
 ) -> tuple[Callable[[], Desired | None], Callable[[PolicySyncer, threading.Event], None]]:
     from agent.cache import Cache
-    from agent.calc.nat import merged, nat_state
-    from agent.calc.policy import PolicyCompiler, compile_node
+    from agent.policy_feed import PolicyFeed
     from datastore.etcd import EtcdClient
 
     client = EtcdClient(endpoints)
     syncers: list[PolicySyncer] = []  # the cache is told where changes go once the syncer exists
     cache = Cache(client, on_change=lambda: syncers[0].mark_dirty() if syncers else None)
-    compiler = PolicyCompiler()  # incremental: a change costs what it touches (used from the syncer thread only)
-    rejected = RejectedLog()
-    chains = PolicyChains()
-    missing_match = os.environ.get(MISSING_MATCH_ENV)
-
-    def desired() -> Desired | None:
-        snap = cache.snapshot()
-        if not snap.in_sync:
-            return None
-        result = compile_node(snap, node, compiler, refused=syncers[0].refused if syncers else None)
-        rejected.update(result.statuses)
-        state = merged(result.state, nat_state(snap, node))
-        if missing_match:
-            state = simulate_missing_match(state, missing_match)
-
-        def version_of(ident: str) -> object:
-            namespace, _, name = ident.partition("/")
-            return snap.policies.get((namespace, name))
-
-        idents = [f"{ns}/{name}" for ns, name in result.compiled.policies]
-        return Desired(snap.revision, state, chains.source_of(idents), version_of)
+    feed = PolicyFeed(cache, node, refused=lambda: syncers[0].refused if syncers else {})
 
     def watch(syncer: PolicySyncer, stop: threading.Event) -> None:
         syncers.append(syncer)
@@ -158,7 +81,7 @@ def _from_etcd(
         cache.stop()
         client.close()
 
-    return desired, watch
+    return feed.desired, watch
 
 
 def main(argv: list[str] | None = None) -> int:

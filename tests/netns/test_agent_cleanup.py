@@ -215,6 +215,9 @@ def test_cleanup_removes_podnet_state_and_nothing_else(
         other.close()
 
 
-def test_other_subcommands_are_not_implemented_yet() -> None:
-    proc = subprocess.run([agent_cli(), "run"], capture_output=True, text=True, timeout=30, check=False)
-    assert (proc.returncode, proc.stderr.strip()) == (2, "podnet-agent: not implemented yet")
+def test_an_unknown_subcommand_is_refused() -> None:
+    proc = subprocess.run([agent_cli(), "clean"], capture_output=True, text=True, timeout=30, check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2,
+        "podnet-agent: unknown command 'clean' (run, config, cleanup, version)",
+    )

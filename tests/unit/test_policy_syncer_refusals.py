@@ -16,7 +16,7 @@ from agent.calc.state import Chain, DataplaneState
 from agent.dataplane.policy_syncer import Backoff, Desired, PolicySyncer
 from agent.dataplane.programmer import SyncResult
 from agent.dataplane.render import chain_of_line, transaction
-from agent.dataplane.run import RejectedLog, simulate_missing_match
+from agent.policy_feed import RejectedLog, simulate_missing_match
 
 POLICY = "ns/p"
 CHAIN = "podnet-pi-p"

@@ -1,0 +1,138 @@
+"""``podnet-agent``'s composition: one process per node made of components (see docs/daemon.md).
+
+    http  →  datastore  →  status  →  policy  →  router  →  cni
+
+The endpoints start first (probes answer while the rest start) and stop last. One etcd client and one cache (the
+datastore component) feed the policy writer and the router; the status component owns the lease-bound status keys,
+which the router writes its routes and peers through. A run mode that is off has no component: nothing of its kind
+is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass, field
+
+from agent.node_runner import RunnerConfig
+from daemon.components.cni import CniComponent
+from daemon.components.datastore import DatastoreComponent
+from daemon.components.policy import PolicyComponent
+from daemon.components.router import RouterComponent
+from daemon.components.status import StatusComponent
+from daemon.config import AgentConfig
+from daemon.endpoints import HealthServer
+from daemon.metrics import ComponentCollector, new_registry
+from daemon.supervisor import Supervisor
+from daemon.threads import Threads
+from datastore.etcd import EtcdClient, EtcdTLS
+
+log = logging.getLogger(__name__)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("podnet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def etcd_client(config: AgentConfig) -> EtcdClient:
+    tls = None
+    if config.etcd_tls:
+        tls = EtcdTLS(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file)
+    return EtcdClient(list(config.etcd_endpoints), timeout=config.etcd_timeout, tls=tls)
+
+
+def modes(config: AgentConfig) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, on in (("router", config.run_router), ("firewall", config.run_firewall), ("cni", config.run_cni))
+        if on
+    )
+
+
+@dataclass
+class NodeAgent:
+    config: AgentConfig
+    client: EtcdClient
+    threads: Threads = field(default_factory=Threads)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.registry = registry = new_registry()
+        self.supervisor = Supervisor([], self.threads, grace=30.0, exit_on_death=True)
+        self.http = HealthServer(
+            self.supervisor.status, registry, self.threads, host=c.health_bind.host, port=c.health_bind.port
+        )
+        self.datastore = DatastoreComponent(self.client)
+        cache = self.datastore.cache
+        self.status = StatusComponent(
+            self.client,
+            cache,
+            c.node_name,
+            self.threads,
+            ttl=c.status_ttl,
+            modes=modes(c),
+            version=version(),
+            supervisor_status=self.supervisor.status,
+        )
+        self.policy: PolicyComponent | None = None
+        self.router: RouterComponent | None = None
+        self.cni: CniComponent | None = None
+        parts: list[object] = [self.http, self.datastore, self.status]
+        if c.run_firewall:
+            self.policy = PolicyComponent(
+                cache,
+                c.node_name,
+                self.threads,
+                netns=c.netns,
+                backend=c.iptables_backend,
+                sync_period=c.sync_period,
+            )
+            parts.append(self.policy)
+        if c.run_router:
+            runner_config = RunnerConfig(
+                node=c.node_name,
+                workdir=c.workdir / "bgp",
+                netns=c.netns,
+                bgp_defaults=c.bgp_defaults,
+                resync=c.sync_period,
+                startup_grace=c.bgp_startup_grace,
+                status_ttl=c.status_ttl,
+                exabgp_log_level=c.exabgp_log_level,
+                log_level=c.log_level,  # the daemon follows the cluster's level itself (SIGHUP, precedence)
+                exabgp_reactor_speed=c.exabgp_reactor_speed,
+                bridge_timeout=c.exabgp_bridge_timeout,
+            )
+            self.router = RouterComponent(
+                self.client,
+                cache,
+                self.status.reporter,
+                runner_config,
+                self.threads,
+                withdraw_on_exit=c.bgp_withdraw_on_exit,
+            )
+            parts.append(self.router)
+        if c.run_cni:
+            self.cni = CniComponent(c.cni_socket, self.threads)
+            parts.append(self.cni)
+        self.status.policy = self.policy
+        self.status.router = self.router
+        self.supervisor.add(*parts)  # type: ignore[arg-type]  # each keeps the Component protocol
+        ComponentCollector(self.supervisor.status).register(registry)
+
+    def start(self) -> None:
+        started = time.monotonic()
+        self.supervisor.start()
+        log.info("podnet-agent %s started on %s (%s) in %.2f s", version(), self.config.node_name,
+                 ", ".join(modes(self.config)) or "no modes", time.monotonic() - started)  # fmt: skip
+
+    def stop(self) -> None:
+        results = self.supervisor.stop()
+        late = [f"{r.name} ({r.outcome})" for r in results if r.outcome != "stopped"]
+        if late:
+            log.warning("stopped; not cleanly: %s", ", ".join(late))
+        else:
+            log.info("stopped")

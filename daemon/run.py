@@ -1,0 +1,164 @@
+"""``podnet-agent run``: resolve the configuration, start the components, wait for a signal.
+
+- Configuration errors (any source) exit 2 with one line naming the source; at start the effective configuration
+  is logged, one line per option with its source.
+- The datastore must be read within ``cache_sync_timeout`` or the agent exits 1 saying why (kubelet restarts it;
+  the dataplane is left as it is).
+- SIGTERM/SIGINT: stop within the grace period without touching the dataplane (the lease-bound status keys go);
+  SIGHUP: read the config file again and apply what can change at run time (the log level), logging what needs a
+  restart instead. The cluster config's log level is followed while no higher source sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from agent.logs import apply_log_level
+from daemon import config as c
+from daemon import config_cli
+from daemon import logs as daemon_logs
+from daemon.node import NodeAgent, etcd_client
+from daemon.supervisor import StartError
+
+log = logging.getLogger("daemon.run")
+RELOADABLE = {"log_level"}  # applied on SIGHUP / cluster change; everything else needs a restart
+
+
+def _parser() -> argparse.ArgumentParser:
+    return config_cli.build_parser(
+        "podnet-agent", "The podnet node agent: policy, routes and BGP, the CNI server, health and metrics."
+    )
+
+
+class _Signals:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.wake = threading.Event()
+
+    def install(self) -> None:
+        def on_stop(*_: object) -> None:
+            self.stop.set()
+            self.wake.set()
+
+        def on_hup(*_: object) -> None:
+            self.reload.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+def _changes(old: c.Resolved, new: c.Resolved) -> list[str]:
+    out = []
+    for o in c.OPTIONS:
+        a, b = getattr(old.config, o.name), getattr(new.config, o.name)
+        if a != b:
+            out.append(o.name)
+    return out
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    try:
+        resolved = config_cli.load(args)
+    except c.ConfigError as exc:
+        print(f"podnet-agent: {exc}", file=sys.stderr)
+        return 2
+    config = resolved.config
+    daemon_logs.configure(config.node_name, config.log_format, config.log_level)
+    for line in c.log_lines(resolved):
+        log.info("config: %s", line)
+    signals = _Signals()
+    signals.install()
+    try:
+        client = etcd_client(config)
+    except (ValueError, OSError) as exc:
+        log.error("cannot use the etcd settings: %s", exc)
+        return 2
+    agent = NodeAgent(config, client)
+    try:
+        agent.start()
+    except StartError as exc:
+        log.error("cannot start: %s", exc)
+        client.close()
+        return 1
+    if not _wait_in_sync(agent, config.cache_sync_timeout, signals):
+        if not signals.stop.is_set():
+            why = "; ".join(agent.datastore.cache.problems()) or "no answer"
+            log.error(
+                "cannot read the datastore at %s within %.0f s (%s): exiting; the dataplane is left as it is",
+                ",".join(config.etcd_endpoints),
+                config.cache_sync_timeout,
+                why,
+            )
+            agent.stop()
+            client.close()
+            return 1
+    else:
+        resolved = _follow_cluster(args, resolved, agent, first=True)
+    while not signals.stop.is_set():
+        signals.wake.wait(1.0)
+        signals.wake.clear()
+        if signals.stop.is_set():
+            break
+        if signals.reload.is_set():
+            signals.reload.clear()
+            resolved = _reload(args, resolved, agent)
+        else:
+            resolved = _follow_cluster(args, resolved, agent)
+    log.info("stopping (signal); the dataplane is left as it is")
+    agent.stop()
+    client.close()
+    return 0
+
+
+def _wait_in_sync(agent: NodeAgent, timeout: float, signals: _Signals) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not signals.stop.is_set():
+        if agent.datastore.wait_in_sync(0.5):
+            log.info("datastore in sync (revision %d)", agent.datastore.cache.snapshot().revision)
+            return True
+    return False
+
+
+def _follow_cluster(args: argparse.Namespace, current: c.Resolved, agent: NodeAgent, first: bool = False) -> c.Resolved:
+    """The cluster config's options (the log level) apply while no higher source sets them."""
+    cluster = agent.datastore.cache.snapshot().config
+    try:
+        new = config_cli.load(args, cluster=cluster)
+    except c.ConfigError as exc:
+        if first:
+            log.error("cluster config ignored: %s", exc)
+        return current
+    if new.config.log_level != current.config.log_level or (first and new.sources["log_level"].kind == c.CLUSTER):
+        apply_log_level(new.config.log_level, str(new.sources["log_level"]))
+    # Only reloadable options follow; anything else keeps the value the components were built with.
+    config = dataclasses.replace(current.config, log_level=new.config.log_level)
+    sources = {**current.sources, "log_level": new.sources["log_level"]}
+    return c.Resolved(config, sources)
+
+
+def _reload(args: argparse.Namespace, current: c.Resolved, agent: NodeAgent) -> c.Resolved:
+    log.info("SIGHUP: reading the configuration again")
+    try:
+        new = config_cli.load(args, cluster=agent.datastore.cache.snapshot().config)
+    except c.ConfigError as exc:
+        log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+        return current
+    changed = _changes(current, new)
+    later = [c.BY_NAME[n].key for n in changed if n not in RELOADABLE]
+    if later:
+        log.warning("SIGHUP: %s changed; that takes a restart of the agent (kept as is)", ", ".join(later))
+    if "log_level" in changed:
+        apply_log_level(new.config.log_level, str(new.sources["log_level"]))
+    config = dataclasses.replace(current.config, log_level=new.config.log_level)
+    return c.Resolved(config, {**current.sources, "log_level": new.sources["log_level"]})
