@@ -147,6 +147,10 @@ def register_node(
     problems: list[str] = []
     ipam = ipam or Ipam(client)
     for kind in kinds:
+        have = node.tunnel_address if kind == "ipip" else node.vxlan_address
+        if have is not None:
+            tunnels[kind] = have  # the record's (allocated by an earlier run, or pinned by the operator): kept
+            continue
         try:
             tunnels[kind] = ipam.ensure_tunnel_address(name, kind)
         except IpamError as exc:

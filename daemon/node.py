@@ -1,6 +1,9 @@
 """``podnet-agent``'s composition: one process per node made of components (see docs/daemon.md).
 
-    http  →  datastore  →  status  →  policy  →  router  →  cni
+    http  →  datastore  →  status  →  node  →  policy  →  router  →  cni
+
+``node`` (daemon.components.bootstrap) blocks the start until the datastore is read (or fails it after
+``cache_sync_timeout``), registers the node and sets its sysctls: the writers start on a known node.
 
 The endpoints start first (probes answer while the rest start) and stop last. One etcd client and one cache (the
 datastore component) feed the policy writer and the router; the status component owns the lease-bound status keys,
@@ -12,10 +15,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
 from agent.node_runner import RunnerConfig
+from daemon.components.bootstrap import BootstrapComponent
 from daemon.components.cni import CniComponent
 from daemon.components.datastore import DatastoreComponent
 from daemon.components.policy import PolicyComponent
@@ -61,6 +66,7 @@ class NodeAgent:
 
     def __post_init__(self) -> None:
         c = self.config
+        self.started = threading.Event()  # every component started
         self.registry = registry = new_registry()
         self.supervisor = Supervisor([], self.threads, grace=30.0, exit_on_death=True)
         self.http = HealthServer(
@@ -78,10 +84,12 @@ class NodeAgent:
             version=version(),
             supervisor_status=self.supervisor.status,
         )
+        self.bootstrap = BootstrapComponent(self.client, cache, c, self.threads)
+        self.status.problems = self.bootstrap.problems
         self.policy: PolicyComponent | None = None
         self.router: RouterComponent | None = None
         self.cni: CniComponent | None = None
-        parts: list[object] = [self.http, self.datastore, self.status]
+        parts: list[object] = [self.http, self.datastore, self.status, self.bootstrap]
         if c.run_firewall:
             self.policy = PolicyComponent(
                 cache,
@@ -126,6 +134,7 @@ class NodeAgent:
     def start(self) -> None:
         started = time.monotonic()
         self.supervisor.start()
+        self.started.set()
         log.info("podnet-agent %s started on %s (%s) in %.2f s", version(), self.config.node_name,
                  ", ".join(modes(self.config)) or "no modes", time.monotonic() - started)  # fmt: skip
 

@@ -17,7 +17,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 
 from agent.logs import apply_log_level
@@ -85,26 +84,23 @@ def run(argv: Sequence[str]) -> int:
         log.error("cannot use the etcd settings: %s", exc)
         return 2
     agent = NodeAgent(config, client)
+    # SIGTERM during the start (a slow datastore) ends it: the supervisor starts nothing more once stopping.
+    stopper = threading.Thread(target=_stop_when_asked, args=(agent, signals), name="stop-on-signal", daemon=True)
+    stopper.start()
     try:
         agent.start()
     except StartError as exc:
-        log.error("cannot start: %s", exc)
         client.close()
+        if signals.stop.is_set():
+            log.info("stopped while starting (signal)")
+            return 0
+        log.error("cannot start (%s): %s", exc.name, exc.__cause__ or exc)
         return 1
-    if not _wait_in_sync(agent, config.cache_sync_timeout, signals):
-        if not signals.stop.is_set():
-            why = "; ".join(agent.datastore.cache.problems()) or "no answer"
-            log.error(
-                "cannot read the datastore at %s within %.0f s (%s): exiting; the dataplane is left as it is",
-                ",".join(config.etcd_endpoints),
-                config.cache_sync_timeout,
-                why,
-            )
-            agent.stop()
-            client.close()
-            return 1
-    else:
-        resolved = _follow_cluster(args, resolved, agent, first=True)
+    if signals.stop.is_set():
+        agent.stop()
+        client.close()
+        return 0
+    resolved = _follow_cluster(args, resolved, agent, first=True)
     while not signals.stop.is_set():
         signals.wake.wait(1.0)
         signals.wake.clear()
@@ -121,13 +117,13 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
-def _wait_in_sync(agent: NodeAgent, timeout: float, signals: _Signals) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and not signals.stop.is_set():
-        if agent.datastore.wait_in_sync(0.5):
-            log.info("datastore in sync (revision %d)", agent.datastore.cache.snapshot().revision)
-            return True
-    return False
+def _stop_when_asked(agent: NodeAgent, signals: _Signals) -> None:
+    """Only while starting: a signal then stops the supervisor (which then starts nothing more)."""
+    while not signals.stop.wait(0.2):
+        if agent.started.is_set():
+            return
+    if not agent.started.is_set():
+        agent.supervisor.stop()
 
 
 def _follow_cluster(args: argparse.Namespace, current: c.Resolved, agent: NodeAgent, first: bool = False) -> c.Resolved:
