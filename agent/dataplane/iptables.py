@@ -75,7 +75,7 @@ class Iptables:
         ipt = f"{self.backend.iptables} -w {int(self.wait_s)}"
         script = f'while [ $# -gt 0 ]; do {ipt} -t "$1" -S "$2" || exit 1; echo "#end"; shift 2; done'
         args = [x for pair in pairs for x in pair]
-        return Listing(pairs, self.runner.start(["sh", "-c", script, "sh", *args]))
+        return Listing(pairs, self.runner.start(["sh", "-c", script, "sh", *args], tool="iptables"))
 
     def restore(self, table: str, text: str) -> None:
         """Apply one table's transaction (``text`` holds ``*table`` … ``COMMIT``)."""

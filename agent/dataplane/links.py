@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from agent.calc.routes import (
 )
 from agent.calc.routes import VxlanPeer as Peer
 from agent.dataplane.netlink import Netlink, NetlinkError
+from agent.dataplane.stats import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class LinkWriter:
         # does not look at the device again. Verifying passes always do.
         self._vxlan: tuple[VxlanDevice, int] | None = None
         self._ipip: IpipDevice | None = None
+        # For the metrics: seconds per pass, verifying ("full") or not ("incremental"); the last pass's problems.
+        self.durations = {"full": Histogram(), "incremental": Histogram()}
+        self.problem_count = 0
 
     def apply(
         self, plan: RoutePlan, in_sync: bool, learned_in_sync: bool | None = None, verify: bool = True
@@ -62,6 +67,7 @@ class LinkWriter:
         """``in_sync``: the datastore is (an unneeded device may go); ``learned_in_sync`` (default ``in_sync``): BGP
         is, so FDB and neighbour entries of VTEPs no route uses any more may go. ``verify=False``: trust the FDB
         and neighbour entries, and the devices, as left by the last pass instead of reading them."""
+        started = time.perf_counter()
         result = LinkResult()
         learned_ok = in_sync if learned_in_sync is None else learned_in_sync
         try:
@@ -91,6 +97,8 @@ class LinkWriter:
                 result.problems.append(f"{IPIP_DEVICE}: {exc}")
         for p in result.problems:
             log.warning("device: %s", p)
+        self.problem_count = len(result.problems)
+        self.durations["full" if verify else "incremental"].observe(time.perf_counter() - started)
         return result
 
     # -- VXLAN ------------------------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 from agent.calc.state import DataplaneState
 from agent.dataplane.programmer import PolicyDataplane, SyncResult
+from agent.dataplane.stats import Histogram
 
 log = logging.getLogger(__name__)
+HEARTBEAT = 5.0  # seconds: the loop goes round at least this often, even with nothing to do
 
 
 def _no_source(_chain: str) -> str | None:
@@ -102,6 +104,12 @@ class PolicySyncer:
         self._next_full = 0.0
         self.last_error: Exception | None = None
         self.syncs = 0
+        self.failures = 0  # syncs that raised (each is retried)
+        # For the metrics (any thread reads them; each is replaced, never mutated, or is thread-safe itself):
+        self.durations = {"full": Histogram(), "incremental": Histogram()}  # seconds per successful sync
+        self.last_revision: int | None = None  # the datastore revision the last successful sync wrote
+        self.last_sync_time: float | None = None  # time.time() of its end
+        self.last_progress = time.monotonic()  # the loop's last round (for the owner's liveness check)
         # Sources whose chains the kernel refused. Replaced, never mutated, so any thread may read it.
         self.refusals: dict[str, Refusal] = {}
         self.unowned_refused: dict[str, str] = {}  # refused chains charged to no source ("table/chain" -> reason)
@@ -163,6 +171,10 @@ class PolicySyncer:
         self._need_full = False
         report = SyncReport(desired.revision, result, time.perf_counter() - started, self.refused)
         self.syncs += 1
+        # The dataplane may have made it a full one (its memory of the kernel was dropped after a failure).
+        self.durations["full" if full or result.full else "incremental"].observe(report.seconds)
+        self.last_revision = desired.revision
+        self.last_sync_time = time.time()
         if result.wrote:
             log.info(
                 "policy sync rev %d (%s): chains written %d, deleted %d, jumps fixed %s, sets changed %d, "
@@ -222,13 +234,21 @@ class PolicySyncer:
             self.refusals = {**self.refusals, **new}
         return bool(new)
 
+    def run(self) -> None:
+        """The loop, on the caller's thread (``start`` runs it on its own); returns after ``stop``."""
+        self._run()
+
     def _run(self) -> None:
         waiting = True  # for the datastore to be in sync: only a change (e.g. the in-sync marker) can end that
         while not self._stop.is_set():
+            self.last_progress = time.monotonic()
             if waiting:
                 self._dirty.wait(timeout=1.0)
             elif not self._need_full:
-                self._dirty.wait(timeout=max(0.0, self._next_full - time.monotonic()))
+                # Wakes at least every HEARTBEAT seconds when idle, so that an owner can tell idle from wedged.
+                self._dirty.wait(timeout=min(HEARTBEAT, max(0.0, self._next_full - time.monotonic())))
+                if not self._dirty.is_set() and time.monotonic() < self._next_full:
+                    continue
             if self._stop.is_set():
                 return
             try:
@@ -237,6 +257,7 @@ class PolicySyncer:
                 self.backoff.reset()
             except Exception as exc:
                 self.last_error = exc
+                self.failures += 1
                 self._need_full = True
                 waiting = False  # retry after the delay, not only on the next change
                 delay = self.backoff.next()

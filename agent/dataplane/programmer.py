@@ -76,6 +76,16 @@ class SyncResult:
         )
 
 
+@dataclass(frozen=True)
+class Owned:
+    """What podnet holds in the kernel, as the writer last left it (for the metrics)."""
+
+    chains: dict[str, int]  # table -> podnet chains
+    rules: dict[str, int]  # table -> rules in them
+    ipsets: int
+    members: int  # in all of those sets
+
+
 class PolicyDataplane:
     """The only writer of podnet's iptables chains, kernel jumps and ipsets (in one network namespace)."""
 
@@ -93,6 +103,19 @@ class PolicyDataplane:
         # (table, chain) -> (hashes of the desired content the kernel refused, its reason). Not kernel state, so it
         # survives forget(): the content is not retried until it changes (or the process restarts).
         self._refused: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
+
+    def owned(self) -> Owned | None:
+        """Counts of what the last sync left in the kernel; None before the first one (or after a failure). Safe
+        from any thread: the maps it reads are replaced by each sync, never changed once published."""
+        chains, sets = self._chains, self._sets
+        if chains is None or sets is None:
+            return None
+        return Owned(
+            chains={t: len(c) for t, c in chains.items()},
+            rules={t: sum(map(len, c.values())) for t, c in chains.items()},
+            ipsets=len(sets),
+            members=sum(len(s.members) for s in sets.values()),
+        )
 
     def forget(self) -> None:
         self._chains = None

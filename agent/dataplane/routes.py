@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.calc.routes import Route
 from agent.dataplane.netlink import Netlink, NetlinkError
+from agent.dataplane.stats import Histogram
 from datastore.constants import ROUTE_PROTO
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class RouteWriter:
         self._model: dict[str, KernelRoute] | None = None
         self._names: dict[int, str] | None = None
         self._index: dict[str, int] = {}
+        # For the metrics (read from any thread): seconds per pass, verifying ("full") or not ("incremental"), and
+        # the last pass's routes in the kernel by type and its failures (each replaced, never mutated).
+        self.durations = {"full": Histogram(), "incremental": Histogram()}
+        self.programmed_by_type: dict[str, int] = {}
+        self.failed_count = 0
 
     def dump(self) -> dict[str, KernelRoute]:
         """Main-table unicast and blackhole routes, ours and others' (first one per destination)."""
@@ -103,6 +109,7 @@ class RouteWriter:
         from the plan really was withdrawn (after a restart the RIB starts empty; the kernel keeps forwarding).
         ``withdrawn``: prefixes BGP did deliver and then withdrew; they go even before ``learned_in_sync``.
         ``verify=False``: trust the table as left by the last pass instead of reading it (see ``_model``)."""
+        started = time.perf_counter()
         result = RouteResult()
         verify = verify or self._model is None
         have = self.dump() if verify else dict(self._model or {})
@@ -154,6 +161,12 @@ class RouteWriter:
         self._model = model
         for cidr, why in result.failed.items():
             log.warning("route %s: %s", cidr, why)
+        by_type: dict[str, int] = {}
+        for done in result.programmed.values():
+            by_type[done.route.type] = by_type.get(done.route.type, 0) + 1
+        self.programmed_by_type = by_type
+        self.failed_count = len(result.failed)
+        self.durations["full" if verify else "incremental"].observe(time.perf_counter() - started)
         return result
 
     def remove_all(self) -> list[str]:
