@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import bgp.speaker as speaker_module
+import bgp.reconciler as reconciler_module
 from bgp import events
 from bgp.link import BridgeLink
 from bgp.plan import PeerSpec, SpeakerIdentity
@@ -72,7 +72,7 @@ def wired(tmp_path: Path) -> Iterator[Callable[[dict[str, list[list[str]]]], tup
         ours, theirs = socket.socketpair()
         socks.extend((ours, theirs))
         conn = BridgeLink(ours)
-        threading.Thread(target=sp._read, args=(conn,), daemon=True).start()
+        threading.Thread(target=sp._bridge.read, args=(conn,), daemon=True).start()
         ScriptedExabgp(theirs, script)
         assert wait(lambda: conn.bridge_pid == 4242)
         return sp, conn
@@ -100,7 +100,7 @@ def feed(sp: Speaker, line: str) -> bool:
     event = events.parse(line)
     assert event is not None
     with sp._lock:
-        return sp._event(event)
+        return sp._table.apply(event)
 
 
 @pytest.mark.parametrize("resync", [False, True], ids=["password-change", "bridge-restart"])
@@ -126,8 +126,8 @@ def test_a_snapshot_written_before_the_session_went_down_does_not_bring_it_back(
         time.sleep(0.3)  # the worker is descheduled between the ack and applying it: the reader goes on
         return parse_neighbors(text)
 
-    monkeypatch.setattr(speaker_module, "parse_neighbors", late)
-    sp._reload(conn, resync)  # returns after the down event was read (0.3 s)
+    monkeypatch.setattr(reconciler_module, "parse_neighbors", late)
+    sp._worker.reload(conn, resync)  # returns after the down event was read (0.3 s)
     time.sleep(0.1)
     assert state(sp) != "Established", "a session reported up from a snapshot older than its down event"
     assert "shutting down" in sp.peer_status()[0].info  # the down event's reason
@@ -141,7 +141,7 @@ def test_an_up_from_the_replaced_session_is_not_taken_for_the_new_one(
     down_snapshot = [f"text {neighbors(up=False)}", "ack done"]
     sp, conn = wired({"reload": [[up, "ack done"]], "show neighbor json": [down_snapshot]})
     sp.set_peers([replace(PEER, password="new")])
-    sp._reload(conn)
+    sp._worker.reload(conn)
     time.sleep(0.1)
     assert state(sp) != "Established"
     # once ExaBGP has reloaded, an "up" is the new session's
