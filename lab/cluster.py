@@ -1,6 +1,6 @@
 """A podnet cluster on this machine: a real etcd, one network namespace per node on a shared underlay bridge, and
-per node the same processes a node runs — the node runner (datastore watch, ExaBGP speaker, routes and devices),
-the policy writer (compiler → iptables + ipset) and the CNI server. Pods are empty namespaces wired by the real
+per node what a node runs: one ``podnet-agent`` (datastore watch, policy writer, routes and devices, the ExaBGP
+speaker, the CNI server, health endpoints). Pods are empty namespaces wired by the real
 CNI plugin (ADD through `podnet-cni`), then recorded in the datastore as the controller would.
 
 Everything runs in the root namespace and points into the node namespaces (``--netns``, the CNI's ``hostNetns``);
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -32,7 +34,7 @@ from datastore.store import Store
 from ipam.allocator import Ipam
 from ipam.pools import add_pool
 from lab.scenario import OUTSIDE_RANGES, PodSpec, Scenario
-from testbed.etcd_server import EtcdServer
+from testbed.etcd_server import EtcdServer, free_port
 from testbed.netns import Netns, NetnsBed, Node, Underlay, sh
 from testbed.wait import eventually
 
@@ -66,6 +68,7 @@ class Cluster:
         self.outside: LabPod | None = None  # the outside host (no pod spec: its key is its address)
         self.underlay: Underlay | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.health_ports: dict[str, int] = {}
         self._etcd: EtcdClient | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------------
@@ -111,6 +114,9 @@ class Cluster:
             store.put(m.Namespace(ns, {**labels, "kubernetes.io/metadata.name": ns}))
         for name, node in self.nodes.items():
             self._start_node(name, node)
+        started = time.monotonic()
+        self.wait_ready()
+        self.say(f"lab: every agent ready in {time.monotonic() - started:.1f} s")
         self.say(
             f"lab: etcd at {self.endpoint}; {len(self.nodes)} nodes up ({sc.encapsulation}); workdir {self.workdir}"
         )
@@ -172,13 +178,38 @@ class Cluster:
         self._procs.append(proc)
 
     def _start_node(self, name: str, node: Node) -> None:
-        ns = node.ns.name
-        py = sys.executable
-        self._spawn(node, "runner", [py, "-m", "agent.node_runner", "--node", name, "--netns", ns, "--etcd-endpoints",
-                                   self.endpoint, "--workdir", str(self.workdir / name)])  # fmt: skip
-        self._spawn(node, "policy", [py, "-m", "agent.dataplane.run", "--etcd", self.endpoint, "--node", name,
-                                   "--netns", ns, "--resync", "10"])  # fmt: skip
-        self._spawn(node, "cni", [str(BIN / "podnet-cni"), "serve", "--socket", self.cni_socket(name)])
+        """One ``podnet-agent`` per node (policy, routes and BGP, the CNI server), pointed into its namespace; its
+        health endpoints on a free port of the machine's loopback."""
+        port = self.health_ports.setdefault(name, free_port())
+        self._spawn(node, "agent", [str(BIN / "podnet-agent"), "--node-name", name, "--netns", node.ns.name,
+                                  "--etcd-endpoints", self.endpoint, "--workdir", str(self.workdir / name),
+                                  "--health-bind", f"127.0.0.1:{port}", "--cni-socket", self.cni_socket(name),
+                                  "--sync-period", "30s"])  # fmt: skip
+
+    def readiness(self, name: str) -> tuple[int, str]:
+        """The node agent's /readiness: (HTTP status, body); (0, why) when it does not answer."""
+        url = f"http://127.0.0.1:{self.health_ports[name]}/readiness"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until every node's agent says ready (datastore read, first policy and route applies, BGP up)."""
+        end = time.monotonic() + timeout
+        waiting = list(self.nodes)
+        while waiting:
+            waiting = [n for n in waiting if self.readiness(n)[0] != 200]
+            if not waiting:
+                break
+            if time.monotonic() > end:
+                why = "; ".join(f"{n}: {self.readiness(n)[1].splitlines()[0] if self.readiness(n)[1] else '?'}"
+                                for n in waiting)  # fmt: skip
+                raise LabError(f"agents not ready after {timeout:.0f} s: {why}")
+            time.sleep(0.2)
 
     def cni_socket(self, node: str) -> str:
         return str(self.workdir / f"{node}-cni.sock")

@@ -1,5 +1,5 @@
 """Shared pieces of the mesh tests (no tests here): node namespaces with pods, their records in etcd, and one
-``agent.node_runner`` process per node (ExaBGP and its bridge run inside the node's namespace)."""
+``podnet-agent`` process per node (ExaBGP and its bridge run inside the node's namespace)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from pathlib import Path
 from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
-from testbed.etcd_server import EtcdServer
+from testbed.etcd_server import EtcdServer, free_port
 from testbed.netns import NetnsBed, Node, Pod, Underlay, kill_namespace_pids
 from testbed.netns import sh as bed_sh
 from testbed.procs import register_child, unregister_child
 from testbed.wait import eventually
 
 POOL = "10.244.0.0/16"
+AGENT = str(Path(sys.executable).with_name("podnet-agent"))
 OTHER_SUBNET_GW = "192.168.88.1"
 
 
@@ -40,21 +41,23 @@ class Mesh:
     nodes: dict[str, Node] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)  # node name -> its pod
     runners: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
-    runner_args: tuple[str, ...] = ()
+    runner_args: tuple[str, ...] = ()  # podnet-agent's options
+    health_ports: dict[str, int] = field(default_factory=dict)
 
     def routes(self, node: str) -> list[str]:
         out = self.nodes[node].ns.ip("route", "show", "proto", "80")
         return [line.strip() for line in out.splitlines()]
 
     def start(self, name: str) -> None:
+        """The node's ``podnet-agent`` as the router only (``--no-run-firewall --no-run-cni``: these tests are about
+        routes; the policy writer would isolate the pods, whose pod records they do not write)."""
         node = self.nodes[name]
+        port = self.health_ports.setdefault(name, free_port())
         log = open(self.workdir / f"runner-{name}.log", "a")  # noqa: SIM115 - the child writes it until it exits
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "agent.node_runner",
-                "--node",
+                AGENT,
+                "--node-name",
                 name,
                 "--netns",
                 node.ns.name,
@@ -62,6 +65,10 @@ class Mesh:
                 self.server.endpoint,
                 "--workdir",
                 str(self.workdir / name),
+                "--health-bind",
+                f"127.0.0.1:{port}",
+                "--no-run-firewall",
+                "--no-run-cni",
                 *self.runner_args,
             ],
             stdin=subprocess.DEVNULL,

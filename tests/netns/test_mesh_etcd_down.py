@@ -181,7 +181,7 @@ def test_the_cluster_log_level_reaches_the_runner_unless_a_flag_fixed_it(
 
     # A level given on the command line wins over the cluster's.
     mesh.stop("n1")
-    mesh.runner_args = ("--log-level", "INFO")
+    mesh.runner_args = ("--log-level", "info")
     store.put(m.ClusterConfig(encapsulation="none", log_level="debug"))
     size = len((tmp_path / "runner-n1.log").read_text())
     mesh.start("n1")

@@ -43,7 +43,7 @@ def wait_converged(mesh: Mesh) -> None:
 def test_a_dead_nodes_routes_are_withdrawn_within_the_hold_time(
     netns_bed: NetnsBed, etcd: EtcdClient, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
-    args = ("--hold-time", str(HOLD), "--graceful-restart-time", "0", "--status-ttl", str(STATUS_TTL))
+    args = ("--bgp-hold-time", str(HOLD), "--bgp-graceful-restart-time", "0", "--status-ttl", str(STATUS_TTL))
     mesh = make_mesh(netns_bed, etcd, etcd_server, tmp_path, "none", runner_args=args)
     try:
         for name in NAMES:
@@ -124,7 +124,7 @@ class Watcher:
 def test_a_graceful_agent_restart_removes_no_route_on_any_node(
     netns_bed: NetnsBed, etcd: EtcdClient, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
-    mesh = make_mesh(netns_bed, etcd, etcd_server, tmp_path, "vxlan", runner_args=("--hold-time", str(HOLD)))
+    mesh = make_mesh(netns_bed, etcd, etcd_server, tmp_path, "vxlan", runner_args=("--bgp-hold-time", str(HOLD)))
     store = Store(etcd)
     n3_ip = mesh.nodes["n3"].address
     try:
