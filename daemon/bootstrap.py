@@ -90,6 +90,25 @@ def merge(
     return node, written, kept
 
 
+def record_drift(record: m.Node | None, ip: str, kinds: Sequence[str], as_number: int | None) -> str:
+    """How the node's record in etcd differs from what registration would make of it ("" if it does not): someone
+    deleted or overwrote it, or a pool that needs a tunnel was added after start-up (pure)."""
+    if record is None:
+        return "is missing"
+    drift = []
+    if record.ip != ip:
+        drift.append(f"says ip {record.ip}, not {ip}")
+    if as_number is not None and record.as_number != as_number:
+        drift.append(f"says asNumber {record.as_number}, not {as_number}")
+    if "vxlan" in kinds and record.vxlan_address is None:
+        drift.append("has no vxlan tunnel address")
+    if "vxlan" in kinds and record.vxlan_mac is None:
+        drift.append("has no VTEP MAC")
+    if "ipip" in kinds and record.tunnel_address is None:
+        drift.append("has no ipip tunnel address")
+    return ", ".join(drift)
+
+
 @dataclass(frozen=True)
 class NodeRegistration:
     node: m.Node  # the record as it is in etcd after registration (tunnel addresses included)
@@ -269,8 +288,9 @@ def set_sysctls(netns: str | None, encapsulation: str | Sequence[str]) -> list[S
 
 class AddressWatcher:
     """A daemon component: every ``interval`` seconds, detect the node's address again (``method``, in ``netns``)
-    and re-register the node when it changed; re-apply the sysctls of ``encapsulation``. Failures (no address, etcd
-    away) are logged once per change of state and retried next round; the registered address stays meanwhile.
+    and re-register the node when it changed, or when the record in etcd drifted (``record_drift``: two reads a
+    round, a write only to repair); re-apply the sysctls of ``encapsulation``. Failures (no address, etcd away) are
+    logged once per change of state and retried next round; the registered address stays meanwhile.
 
     Ready throughout: the node keeps working on its last address while detection fails; the reason says so."""
 
@@ -303,6 +323,7 @@ class AddressWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_problem = ""
+        self._last_drift = ""
         self._sysctl_state: dict[str, tuple[str | None, str | None, bool]] = {}
         # A round is one netlink dump, at most one registration (a few etcd calls, each within the client's
         # timeout) and a few /proc writes: three intervals plus the etcd timeouts is a wedge, not a slow round.
@@ -345,6 +366,8 @@ class AddressWatcher:
         else:
             if (found.address, found.interface) != (self._registered.address, self._registered.interface):
                 problem = self._reregister(found)
+        if not problem:
+            problem = self._repair()
         self._sysctls()
         if problem != self._last_problem:
             if problem:
@@ -374,6 +397,29 @@ class AddressWatcher:
         if self._on_registered is not None:
             self._on_registered(reg)
         return ""
+
+    def _repair(self) -> str:
+        """Register again if the record drifted from what we registered; a problem, or ""."""
+        try:
+            store = Store(self._client)
+            got = store.get(k.NodeKey(self.node), m.Node)
+            kinds = tunnel_kinds(v.value for v in store.list(k.POOLS_PREFIX, m.IPPool))
+        except DatastoreError as exc:
+            return f"node record not checked: {exc}"
+        drift = record_drift(got.value if got else None, str(self._registered.address), kinds, self.as_number)
+        if not drift:
+            self._last_drift = ""
+            return ""
+        try:
+            reg = register_node(self._client, self.node, self._registered, self.as_number)
+        except (DatastoreError, RegistrationError) as exc:
+            return f"node {self.node} record {drift}; not repaired yet: {exc}"
+        if drift != self._last_drift:  # a pool that cannot give a tunnel address is retried, not logged, each round
+            log.warning("node %s: record %s: registered again; %s", self.node, drift, reg.describe())
+            if self._on_registered is not None:
+                self._on_registered(reg)
+        self._last_drift = drift
+        return "; ".join(reg.problems)
 
     def _sysctls(self) -> None:
         if not self.encapsulation:

@@ -1,7 +1,8 @@
 """Node bootstrap against the real kernel: the sysctls written in a node namespace (read back with
 ``ip netns exec NS sysctl``), the tunnel device's setting once the device exists, the machine's own namespace
 untouched; the address watcher sees the node's address change in the namespace and the node record in etcd follows,
-and keeps the old address while none can be found."""
+keeps the old address while none can be found, comes back when deleted and gets a tunnel address when a VXLAN pool
+is added."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from agent.calc.routes import vtep_mac
 from daemon.autodetect import detect, parse_method
 from daemon.bootstrap import AddressWatcher, SysctlResult, register_node, set_sysctls
 from daemon.threads import Threads
@@ -18,6 +20,7 @@ from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
+from ipam.pools import add_pool
 from testbed.netns import NetnsBed, Node
 
 pytestmark = pytest.mark.netns
@@ -111,6 +114,15 @@ def test_the_watcher_follows_the_address_and_keeps_the_sysctls(
             for r in caplog.records
         )
         wait_for("health to show the new address", lambda: "192.168.77.21/24" in watcher.health().reason)
+
+        # The record deleted, then a VXLAN pool added after start-up: registered again, with a tunnel address.
+        etcd.delete(k.NodeKey("n1").path)
+        wait_for("the record to come back", lambda: Store(etcd).get(k.NodeKey("n1"), m.Node) is not None)
+        assert record() == m.Node("n1", "192.168.77.21/24")
+        add_pool(Store(etcd), m.IPPool("10.244.0.0/16", encapsulation="vxlan"))
+        wait_for("a vxlan tunnel address", lambda: record().vxlan_address is not None)
+        assert record().vxlan_mac == vtep_mac(record())
+        assert any("record is missing: registered again" in r.message for r in caplog.records)
 
         # ip_forward reset by someone, and the tunnel device made after start: both set in the next rounds.
         node.ns.sysctl("net.ipv4.ip_forward", "0")

@@ -4,7 +4,7 @@ devices the pools need, and which sysctls (named as sysctl(8) names them) each e
 from __future__ import annotations
 
 from agent.calc.routes import vtep_mac
-from daemon.bootstrap import SysctlResult, _proc_path, merge, tunnel_kinds, wanted_sysctls
+from daemon.bootstrap import SysctlResult, _proc_path, merge, record_drift, tunnel_kinds, wanted_sysctls
 from datastore import model as m
 
 OPERATOR = m.Node(
@@ -102,3 +102,17 @@ def test_sysctl_results_say_what_happened() -> None:
     assert not absent.changed and "not there yet" in absent.describe()
     failed = SysctlResult("net.ipv4.ip_forward", "0", error="writing 1: Permission denied")
     assert not failed.changed and failed.describe() == "sysctl net.ipv4.ip_forward: writing 1: Permission denied"
+
+
+def test_record_drift_says_what_registration_would_repair() -> None:
+    ip = "192.168.77.10/24"
+    assert record_drift(None, ip, (), None) == "is missing"
+    assert record_drift(m.Node("n1", ip, as_number=64600, labels={"a": "b"}), ip, (), None) == ""
+    assert record_drift(m.Node("n1", "192.168.77.9/24"), ip, (), 64512) == (
+        "says ip 192.168.77.9/24, not 192.168.77.10/24, says asNumber None, not 64512"
+    )
+    assert record_drift(m.Node("n1", ip), ip, ("ipip", "vxlan"), None) == (
+        "has no vxlan tunnel address, has no VTEP MAC, has no ipip tunnel address"
+    )
+    done = m.Node("n1", ip, tunnel_address="10.244.0.1", vxlan_address="10.244.0.2", vxlan_mac="02:00:00:00:00:01")
+    assert record_drift(done, ip, ("ipip", "vxlan"), None) == ""
