@@ -35,6 +35,9 @@ class NetConf:
     runtime_ips: tuple[str, ...] = ()  # the "ips" capability
     valid_attachments: tuple[tuple[str, str], ...] | None = None  # GC: (containerID, ifname)
     host_netns: str | None = None  # the node's network namespace when it is not the plugin's own (test bed, lab)
+    etcd_ca_file: str | None = None  # etcd TLS (None: the server's own setting, else plain)
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -164,6 +167,7 @@ def parse_conf(data: Mapping[str, Any], env: Mapping[str, str]) -> NetConf:
     host_netns = _str_field(data, "hostNetns")
     if host_netns is not None and not host_netns.startswith("/"):
         raise CniError(INVALID_CONFIG, f"hostNetns must be a path, got {host_netns!r}")
+    tls = _etcd_tls(data, env)
     return NetConf(
         cni_version=version,
         name=name,
@@ -174,5 +178,27 @@ def parse_conf(data: Mapping[str, Any], env: Mapping[str, str]) -> NetConf:
         runtime_ips=tuple(ips),
         valid_attachments=attachments,
         host_netns=host_netns,
+        etcd_ca_file=tls[0],
+        etcd_cert_file=tls[1],
+        etcd_key_file=tls[2],
         raw=data,
     )
+
+
+# The conflist's etcd TLS keys, spelled as the agent's config file spells them, and the variables they fall back to.
+ETCD_TLS_FIELDS = (("etcdCAFile", "PODNET_ETCD_CA_FILE"), ("etcdCertFile", "PODNET_ETCD_CERT_FILE"),
+                   ("etcdKeyFile", "PODNET_ETCD_KEY_FILE"))  # fmt: skip
+
+
+def _etcd_tls(data: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, str | None, str | None]:
+    """(CA, certificate, key) files: the network configuration's, else the caller's ``PODNET_ETCD_*`` variables."""
+    files: list[str | None] = []
+    for key, variable in ETCD_TLS_FIELDS:
+        value = _str_field(data, key) or env.get(variable) or None
+        if value is not None and not value.startswith("/"):
+            raise CniError(INVALID_CONFIG, f"{key} must be an absolute path, got {value!r}")
+        files.append(value)
+    ca, cert, key_file = files
+    if (cert is None) != (key_file is None):
+        raise CniError(INVALID_CONFIG, "etcdCertFile and etcdKeyFile go together: give both or neither")
+    return ca, cert, key_file

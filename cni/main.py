@@ -8,11 +8,10 @@ standalone script: copied to the CNI bin directory with the shebang ``#!/usr/bin
 ~7 ms. When no server listens, it runs the plugin in-process (slower, same result) or, when standalone, executes
 ``$PODNET_CNI_FALLBACK`` (default ``podnet-cni``, the installed console script) with the same stdin.
 
-Wire format (bytes; env values cannot contain NUL): request ``PODNETCNI1\\n`` + ``KEY=VALUE\\0``… + ``\\0`` + stdin;
-answer ``<exit code> <stdout length>\\n`` + stdout + stderr.
-
+The protocol is described in ``cni.wire`` (the server's side); this module is the client's side and repeats the
+two constants it shares (it must also run without the package): a unit test checks the two sides agree.
 ``cni/client/podnet-cni.c`` is the same client compiled (~1 ms of CPU per call instead of ~10): what a node
-installs. ``podnet-cni serve [--socket PATH]`` runs the server.
+installs. ``podnet-cni serve`` runs the server (``cni.serve``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import _socket
 import os
 import sys
 
-DEFAULT_SOCKET = "/run/podnet/cni.sock"
+DEFAULT_SOCKET = "/run/podnet/cni.sock"  # the same as cni.wire's: see above
 MAGIC = b"PODNETCNI1\n"
 ANSWER_TIMEOUT = 120.0  # the runtime's own timeout is usually longer
 ENV_PREFIXES = ("CNI_", "PODNET_")
@@ -92,7 +91,7 @@ def _fallback(env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
-        from cni.server import serve_main
+        from cni.serve import serve_main
 
         return serve_main(args[1:])
     try:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cni import link
@@ -31,7 +32,7 @@ from cni.errors import (
 from datastore import keys as k
 from datastore import model as m
 from datastore.errors import CasConflict, DatastoreError, Unavailable
-from datastore.etcd import EtcdClient
+from datastore.etcd import EtcdClient, EtcdTLS
 from datastore.keys import InvalidKey
 from datastore.store import Store
 from ipam.allocator import Ipam, pod_handle
@@ -39,6 +40,7 @@ from ipam.batch import GroupAllocator
 from ipam.errors import AddressInUse, InvalidRequest, IpamError, TooManyConflicts
 
 log = logging.getLogger(__name__)
+DEFAULT_ETCD_TIMEOUT = 10.0  # seconds per etcd request
 
 
 @dataclass(frozen=True)
@@ -63,36 +65,50 @@ class Phases:
 
 
 class Clients:
-    """etcd clients and IPAM objects per endpoint list, reused across requests by the server. Allocations for one
-    node are committed in groups in-process (``ipam.batch``; they would only conflict on the node's block), other
-    writers still race by CAS."""
+    """etcd clients and IPAM objects per endpoint list and TLS files, reused across requests by the server.
+    Allocations for one node are committed in groups in-process (``ipam.batch``; they would only conflict on the
+    node's block), other writers still race by CAS. ``tls``: for the calls whose network configuration names no TLS
+    files."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: EtcdTLS | None = None, timeout: float = DEFAULT_ETCD_TIMEOUT) -> None:
+        self.tls = tls
+        self.timeout = timeout
         self._lock = threading.Lock()
-        self._by_endpoints: dict[tuple[str, ...], tuple[EtcdClient, Ipam, GroupAllocator]] = {}
+        self._by_target: dict[tuple[tuple[str, ...], EtcdTLS | None], tuple[EtcdClient, Ipam, GroupAllocator]] = {}
 
-    def get(self, endpoints: tuple[str, ...]) -> tuple[EtcdClient, Ipam]:
-        client, ipam, _ = self._get(endpoints)
+    def get(self, conf: NetConf) -> tuple[EtcdClient, Ipam]:
+        client, ipam, _ = self._get(conf)
         return client, ipam
 
-    def allocator(self, endpoints: tuple[str, ...]) -> GroupAllocator:
-        return self._get(endpoints)[2]
+    def allocator(self, conf: NetConf) -> GroupAllocator:
+        return self._get(conf)[2]
 
-    def _get(self, endpoints: tuple[str, ...]) -> tuple[EtcdClient, Ipam, GroupAllocator]:
+    def _get(self, conf: NetConf) -> tuple[EtcdClient, Ipam, GroupAllocator]:
+        tls = self.tls
+        if conf.etcd_ca_file or conf.etcd_cert_file:  # the network configuration's own (parse_conf checked them)
+            tls = EtcdTLS(_path(conf.etcd_ca_file), _path(conf.etcd_cert_file), _path(conf.etcd_key_file))
+        target = (conf.etcd_endpoints, tls)
         with self._lock:
-            found = self._by_endpoints.get(endpoints)
+            found = self._by_target.get(target)
             if found is None:
-                client = EtcdClient(list(endpoints), timeout=10.0)
+                try:
+                    client = EtcdClient(list(conf.etcd_endpoints), timeout=self.timeout, tls=tls)
+                except ValueError as exc:  # a scheme that contradicts the TLS setting, an unreadable file
+                    raise CniError(INVALID_CONFIG, f"etcd: {exc}") from None
                 ipam = Ipam(client)
                 found = (client, ipam, GroupAllocator(ipam))
-                self._by_endpoints[endpoints] = found
+                self._by_target[target] = found
             return found
 
     def close(self) -> None:
         with self._lock:
-            for client, _, _ in self._by_endpoints.values():
+            for client, _, _ in self._by_target.values():
                 client.close()
-            self._by_endpoints.clear()
+            self._by_target.clear()
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
 
 
 def run(env: Mapping[str, str], stdin: bytes, clients: Clients | None = None) -> Outcome:
@@ -152,7 +168,7 @@ def _keys(cenv: CniEnv, conf: NetConf) -> tuple[k.EndpointKey, str]:
 
 
 def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> dict[str, Any]:
-    client, ipam = clients.get(conf.etcd_endpoints)
+    client, ipam = clients.get(conf)
     store = Store(client)
     _, host_if = _keys(cenv, conf)
     handle = pod_handle(cenv.container_id)
@@ -160,7 +176,7 @@ def cmd_add(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> di
     undo: list[tuple[str, Callable[[], object]]] = []
     try:
         requested = cenv.requested_ip or (conf.runtime_ips[0] if conf.runtime_ips else None)
-        group = clients.allocator(conf.etcd_endpoints)
+        group = clients.allocator(conf)
         try:
             if requested:
                 with group.node_lock(conf.node_name):
@@ -251,8 +267,8 @@ def _teardown(
 
 
 def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> None:
-    client, _ = clients.get(conf.etcd_endpoints)
-    group = clients.allocator(conf.etcd_endpoints)
+    client, _ = clients.get(conf)
+    group = clients.allocator(conf)
     ep_key, host_if = _keys(cenv, conf)
     try:
         _teardown(
@@ -269,7 +285,7 @@ def cmd_del(cenv: CniEnv, conf: NetConf, clients: Clients, phases: Phases) -> No
 
 
 def cmd_check(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
-    client, _ = clients.get(conf.etcd_endpoints)
+    client, _ = clients.get(conf)
     store = Store(client)
     ep_key, host_if = _keys(cenv, conf)
     try:
@@ -292,7 +308,7 @@ def cmd_check(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) ->
 
 
 def cmd_status(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> None:
-    client, _ = clients.get(conf.etcd_endpoints)
+    client, _ = clients.get(conf)
     try:
         client.revision()
         pools = [p for p in Store(client).list(k.POOLS_PREFIX, m.IPPool) if not p.value.disabled]
@@ -306,7 +322,7 @@ def cmd_gc(cenv: CniEnv, conf: NetConf, clients: Clients, _phases: Phases) -> No
     """Release this node's pod handles whose attachment the runtime no longer lists."""
     if conf.valid_attachments is None:
         raise CniError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments")
-    client, ipam = clients.get(conf.etcd_endpoints)
+    client, ipam = clients.get(conf)
     store = Store(client)
     valid = {cid for cid, _ in conf.valid_attachments}
     prefix = pod_handle("")

@@ -1,42 +1,49 @@
-"""`podnet-cni serve`: the node-local CNI server. It runs the same ``cni.plugin.run`` as the one-shot plugin, with
-etcd connections, IPAM block caches and per-node allocation locks kept warm across requests.
+"""The node-local CNI server: the same ``cni.plugin.run`` as the one-shot plugin, with etcd connections, IPAM block
+caches and per-node allocation locks kept warm across requests. ``podnet-cni serve`` (``cni.serve``) runs it as a
+process; the agent embeds it:
 
-One request per connection: the client sends its env and stdin (format in ``cni.main``) and closes its write side;
-the server answers exit code, stdout and stderr. The socket is created mode 0600 (root only: whoever can talk
-to it can wire pods).
+    server = CniServer(path, clients=Clients(tls=...), stats=None)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})  # the caller's thread
+    ...  # server.last_progress: time.monotonic() of its last poll or request, for liveness; server.stats
+    server.shutdown(); thread.join(); server.server_close()
+
+One request per connection (``cni.wire``), each in its own thread. The socket is created mode 0600 (root only:
+whoever can talk to it can wire pods).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import signal
 import socketserver
-import threading
 import time
 from pathlib import Path
 
-from cni.main import DEFAULT_SOCKET, MAGIC
 from cni.plugin import Clients, Outcome, run
+from cni.stats import INVALID, CniStats
+from cni.wire import MAX_REQUEST, encode_answer, parse_request
 
 log = logging.getLogger(__name__)
-MAX_REQUEST = 1 << 20
+_MALFORMED = '{"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the CNI server"}\n'
 
 
 class _Handler(socketserver.StreamRequestHandler):
     server: CniServer
 
     def handle(self) -> None:
+        server = self.server
+        server.last_progress = time.monotonic()
         raw = self.rfile.read(MAX_REQUEST)
+        started = time.perf_counter()
         parsed = parse_request(raw)
         if parsed is None:
-            outcome = Outcome(1, '{"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the CNI server"}\n')
+            command = INVALID
+            outcome = Outcome(1, _MALFORMED)
         else:
             env, stdin = parsed
-            started = time.perf_counter()
-            outcome = run(env, stdin, self.server.clients)
+            command = env.get("CNI_COMMAND", INVALID)
+            outcome = run(env, stdin, server.clients)
             log.info(
                 "%s %s -> %d in %.1f ms (%s)",
                 env.get("CNI_COMMAND", "?"),
@@ -45,37 +52,24 @@ class _Handler(socketserver.StreamRequestHandler):
                 (time.perf_counter() - started) * 1000,
                 ", ".join(f"{name} {spent * 1000:.1f}" for name, spent in outcome.phases),
             )
-        out = outcome.stdout.encode()
-        self.wfile.write(b"%d %d\n" % (outcome.code, len(out)) + out + outcome.stderr.encode())
-
-
-def parse_request(raw: bytes) -> tuple[dict[str, str], bytes] | None:
-    """The client's env and stdin (see ``cni.main`` for the format), or None if malformed."""
-    if not raw.startswith(MAGIC):
-        return None
-    body = raw[len(MAGIC) :]
-    env: dict[str, str] = {}
-    pos = 0
-    while True:
-        end = body.find(b"\0", pos)
-        if end < 0:
-            return None
-        if end == pos:
-            return env, body[end + 1 :]
-        key, sep, value = body[pos:end].decode("utf-8", "replace").partition("=")
-        if not sep:
-            return None
-        env[key] = value
-        pos = end + 1
+        server.stats.record(command, time.perf_counter() - started, outcome.code == 0)
+        self.wfile.write(encode_answer(outcome.code, outcome.stdout.encode(), outcome.stderr.encode()))
+        server.last_progress = time.monotonic()
 
 
 class CniServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Listening once constructed. ``clients``: the caller's etcd clients (kept open by ``server_close``; None: the
+    server's own, closed with it). ``stats``: where calls are counted (None: a new ``CniStats``)."""
+
     daemon_threads = True
     request_queue_size = 128  # a node starting many pods at once must not see its connects refused
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clients: Clients | None = None, stats: CniStats | None = None) -> None:
         self.path = path
-        self.clients = Clients()
+        self._own_clients = clients is None
+        self.clients = clients if clients is not None else Clients()
+        self.stats = stats if stats is not None else CniStats()
+        self.last_progress = time.monotonic()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a previous run
@@ -85,28 +79,13 @@ class CniServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             os.umask(old)
 
+    def service_actions(self) -> None:
+        # serve_forever calls this after every poll: the loop is alive even when no pod is being created.
+        self.last_progress = time.monotonic()
+
     def server_close(self) -> None:
         super().server_close()
-        self.clients.close()
+        if self._own_clients:
+            self.clients.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def serve_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="podnet-cni serve", description="Run the node-local podnet CNI server.")
-    parser.add_argument("--socket", default=os.environ.get("PODNET_CNI_SOCKET", DEFAULT_SOCKET))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = CniServer(args.socket)
-
-    def stop(*_: object) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"ready {args.socket}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-    return 0

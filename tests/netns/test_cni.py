@@ -86,7 +86,7 @@ def cni(netns_bed: NetnsBed, etcd: EtcdClient, etcd_server: EtcdServer, tmp_path
 @pytest.fixture
 def server(cni: Cni) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
-        [PLUGIN, "serve", "--socket", cni.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [PLUGIN, "serve", "--cni-socket", cni.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     register_child(proc.pid)
     try:

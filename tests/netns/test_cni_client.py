@@ -42,7 +42,7 @@ class Server:
 
     def start(self) -> None:
         proc = subprocess.Popen(
-            [PLUGIN, "serve", "--socket", self.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [PLUGIN, "serve", "--cni-socket", self.socket], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         register_child(proc.pid)
         self.proc = proc

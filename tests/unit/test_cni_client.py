@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cni.server import parse_request
+from cni.wire import parse_request
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = os.environ.get("PODNET_CNI_CLIENT") or str(ROOT / ".venv" / "bin" / "podnet-cni-client")
