@@ -1,6 +1,6 @@
 """Entry point of `podnet-lab`: bring up a cluster on this machine and run a scenario against it.
 
-    podnet-lab run [--scenario FILE] [--encapsulation vxlan|none] [-o table|json] [--keep]
+    podnet-lab run [--scenario FILE] [--encapsulation vxlan|none] [-o table|json] [--phase-timeout S] [--keep]
 
 Each phase changes NetworkPolicies through `agentctl` (as a user would), asks `agentctl policy matrix` what every
 pod should reach, and probes every pod pair with real connections until the kernels agree or the phase's time is
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datastore import cli_options as opt
 from lab.cluster import Cluster, LabError
 from lab.report import Pair, expected_from_json, mismatches, render
 from lab.scenario import Phase, ScenarioError, load
@@ -136,14 +137,14 @@ def run(args: argparse.Namespace) -> int:
                 )
                 print(f"  {n:>2} {key:<24} {where}")
         for i, phase in enumerate(scenario.phases):
-            res = run_phase(cluster, phase, FIRST_PHASE_TIMEOUT if i == 0 else args.timeout)
+            res = run_phase(cluster, phase, FIRST_PHASE_TIMEOUT if i == 0 else args.phase_timeout)
             results.append(res)
             if args.output == "table":
                 _print_phase(i, res, pods)
         if args.keep:
             print(f"\nlab running: etcdctl --endpoints {cluster.endpoint} get --prefix /podnet/v1/routes/ ; "
-                  f"agentctl --etcd-endpoints {cluster.endpoint} --node {scenario.nodes[0]} status ; Ctrl-C ends it",
-                  flush=True)  # fmt: skip
+                  f"agentctl --etcd-endpoints {cluster.endpoint} --node-name {scenario.nodes[0]} status ; "
+                  "Ctrl-C ends it", flush=True)  # fmt: skip
             signal.pause()
     except KeyboardInterrupt:
         print("podnet-lab: interrupted; cleaning up", file=sys.stderr)
@@ -162,18 +163,23 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="podnet-lab", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="bring up the cluster, run the scenario, tear everything down")
     r.add_argument("--scenario", type=Path, default=None, help="scenario YAML (default: the seed's table)")
     r.add_argument("--encapsulation", choices=["vxlan", "none"], default=None, help="override the scenario's")
-    r.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    r.add_argument("--timeout", type=float, default=PHASE_TIMEOUT, help="seconds a phase may take to converge")
+    r.add_argument("-o", "--output", choices=["table", "json"], default="table", help="report format (default: table)")
+    # Not an etcd deadline (agentctl's old --timeout was one): hence its own name.
+    opt.add_option(r, "--phase-timeout", "Seconds each phase after the first may take to converge.",
+                   default=PHASE_TIMEOUT, aliases=("--timeout",), env=False, type=float, metavar="SECONDS")  # fmt: skip
     r.add_argument("--workdir", type=Path, default=None, help="keep logs here (default: a temporary directory)")
     r.add_argument("--keep", action="store_true", help="keep the cluster running after the scenario until Ctrl-C")
-    args = ap.parse_args(argv)
-    return run(args)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

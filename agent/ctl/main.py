@@ -15,9 +15,10 @@ import sys
 if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "agentctl") and "--debug" not in sys.argv[1:]:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+import argparse
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,8 +27,11 @@ from agent.ctl import policy as policy_cmds
 from agent.ctl import resources as resource_cmds
 from agent.ctl.context import CtlContext, default_node
 from agent.ctl.ipam import ipam_group
+from datastore.cli_options import seconds
 from datastore.errors import DatastoreError, Unavailable
 from datastore.etcd import DEFAULT_TIMEOUT, EtcdTLS, endpoint_target
+
+_T = TypeVar("_T")
 
 
 def version() -> str:
@@ -61,7 +65,7 @@ class CtlGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise click.ClickException(
-                etcd_error(exc, ctx.params.get("etcd_endpoints", "?"), ctx.params.get("timeout", DEFAULT_TIMEOUT))
+                etcd_error(exc, ctx.params.get("etcd_endpoints", "?"), ctx.obj.timeout if ctx.obj else DEFAULT_TIMEOUT)
             ) from None
         except UnicodeDecodeError as exc:
             if ctx.params.get("debug"):
@@ -76,10 +80,36 @@ class CtlGroup(click.Group):
             ) from None
 
 
+class Duration(click.ParamType[float]):
+    """Seconds, written as podnet-agent takes durations: 5s, 500ms, 1m, or a number."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float | int):
+            return float(value)
+        try:
+            return seconds(value)
+        except argparse.ArgumentTypeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _deprecated(ctx: click.Context, name: str, value: _T, old: str, old_value: _T | None) -> _T:
+    """The value of option ``name``, or of its old spelling ``old`` if only that was given on the command line."""
+    if old_value is None:
+        return value
+    new = "--" + name.replace("_", "-")
+    click.echo(f"agentctl: {old} is deprecated, use {new}", err=True)
+    if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+        return value
+    return old_value
+
+
 @click.group(cls=CtlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--etcd-endpoints",
     envvar="PODNET_ETCD_ENDPOINTS",
+    show_envvar=True,
     default="127.0.0.1:2379",
     show_default=True,
     help="Comma-separated etcd endpoints (host:port, or https://host:port with TLS).",
@@ -87,29 +117,44 @@ class CtlGroup(click.Group):
 @click.option(
     "--etcd-ca-file",
     envvar="PODNET_ETCD_CA_FILE",
+    show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="CA certificate that signs etcd's server certificates (turns TLS on).",
 )
 @click.option(
     "--etcd-cert-file",
     envvar="PODNET_ETCD_CERT_FILE",
+    show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="Client certificate for etcd (TLS; with --etcd-key-file).",
 )
 @click.option(
     "--etcd-key-file",
     envvar="PODNET_ETCD_KEY_FILE",
+    show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The client certificate's private key (with --etcd-cert-file).",
 )
-@click.option("--node", envvar="PODNET_NODE_NAME", default=None, help="This node's name (default: hostname).")
 @click.option(
-    "--timeout",
+    "--node-name",
+    envvar="PODNET_NODE_NAME",
+    show_envvar=True,
+    default=None,
+    help="This node's name (default: the host name).",
+)
+@click.option(
+    "--etcd-timeout",
     envvar="PODNET_ETCD_TIMEOUT",
-    type=click.FloatRange(min=0, min_open=True),
+    show_envvar=True,
+    type=Duration(),
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for each etcd request.",
+    help="Deadline of each etcd request (e.g. 5s, 500ms, or a number of seconds).",
+)
+# The spellings before podnet-agent's: hidden, still working, with one warning.
+@click.option("--node", "old_node", default=None, hidden=True, help="Deprecated: --node-name.")
+@click.option(
+    "--timeout", "old_timeout", type=Duration(), default=None, hidden=True, help="Deprecated: --etcd-timeout."
 )
 @click.option("--debug", is_flag=True, help="Show the Python traceback of an unexpected error.")
 @click.version_option(version(), "--version", prog_name="agentctl", message="%(prog)s (podnet) %(version)s")
@@ -121,11 +166,15 @@ def cli(
     etcd_ca_file: Path | None,
     etcd_cert_file: Path | None,
     etcd_key_file: Path | None,
-    node: str | None,
-    timeout: float,
+    node_name: str | None,
+    etcd_timeout: float,
+    old_node: str | None,
+    old_timeout: float | None,
     debug: bool,
 ) -> None:
     """Inspect and operate podnet: BGP status, routes, IPAM, policy."""
+    node_name = _deprecated(ctx, "node_name", node_name, "--node", old_node)
+    timeout = _deprecated(ctx, "etcd_timeout", etcd_timeout, "--timeout", old_timeout)
     endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
     tls = None
     try:
@@ -137,7 +186,7 @@ def cli(
             endpoint_target(endpoint, tls is not None)
     except ValueError as exc:
         raise click.ClickException(_one_line(str(exc))) from None
-    ctl = CtlContext(endpoints, node or default_node(), timeout, tls)
+    ctl = CtlContext(endpoints, node_name or default_node(), timeout, tls)
     ctx.obj = ctl
     ctx.call_on_close(ctl.close)
 

@@ -69,7 +69,7 @@ def invocations() -> list[list[str]]:
 
 def agentctl(endpoint: str, *args: str, timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.ctl.main", "--etcd-endpoints", endpoint, "--timeout", str(timeout), *args],
+        [sys.executable, "-m", "agent.ctl.main", "--etcd-endpoints", endpoint, "--etcd-timeout", str(timeout), *args],
         check=False,
         input=MANIFEST,
         capture_output=True,
@@ -96,7 +96,7 @@ def test_the_enumeration_sees_every_command() -> None:
 def in_process(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Through click's runner: the same group and error handling as the console script, without a new interpreter
     per command (about 0.3 s each here)."""
-    res = CliRunner().invoke(cli, ["--etcd-endpoints", endpoint, "--timeout", "2", *args], input=MANIFEST)
+    res = CliRunner().invoke(cli, ["--etcd-endpoints", endpoint, "--etcd-timeout", "2", *args], input=MANIFEST)
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         # What the console script would have printed as a traceback.
         trace = "".join(traceback.format_exception(res.exception))

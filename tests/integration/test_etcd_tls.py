@@ -61,7 +61,7 @@ def bed() -> Iterator[Bed]:
 
 
 def agentctl(bed: Bed, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--etcd-endpoints", bed.server.url, "--timeout", "2", *args])
+    return CliRunner().invoke(cli, ["--etcd-endpoints", bed.server.url, "--etcd-timeout", "2", *args])
 
 
 def fails_clearly(client: EtcdClient) -> str:
@@ -122,7 +122,16 @@ def test_client_without_a_client_certificate_is_refused_clearly(bed: Bed) -> Non
     assert "requires a client certificate (none given)" in lines[0], lines[0]
 
     # The program itself: gRPC's own log lines about the handshake do not reach the operator.
-    args = ["--etcd-endpoints", bed.server.url, "--timeout", "2", "--etcd-ca-file", str(bed.ca.cert), "get", "nodes"]
+    args = [
+        "--etcd-endpoints",
+        bed.server.url,
+        "--etcd-timeout",
+        "2",
+        "--etcd-ca-file",
+        str(bed.ca.cert),
+        "get",
+        "nodes",
+    ]
     cmd = [sys.executable, "-m", "agent.ctl.main", *args]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and proc.stdout == "", proc

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def run(server: EtcdServer, *args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, ["--etcd-endpoints", server.endpoint, "--node", "n1", *args])
+    result = CliRunner().invoke(cli, ["--etcd-endpoints", server.endpoint, "--node-name", "n1", *args])
     return result.exit_code, result.output
 
 

@@ -91,9 +91,19 @@ def cleanup(*args: str) -> subprocess.CompletedProcess[str]:
 
 def one_legacy_sync(endpoint: str, netns: str) -> None:
     """Leftovers of a run on the legacy backend (a node that switched backends): one full sync, then killed."""
-    argv = [sys.executable, "-m", "agent.dataplane.run", "--etcd", endpoint, "--node", NODE, "--netns", netns]
+    argv = [
+        sys.executable,
+        "-m",
+        "agent.dataplane.run",
+        "--etcd-endpoints",
+        endpoint,
+        "--node-name",
+        NODE,
+        "--netns",
+        netns,
+    ]
     proc = subprocess.Popen(
-        [*argv, "--backend", "legacy"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [*argv, "--iptables-backend", "legacy"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     register_child(proc.pid)
     try:

@@ -34,11 +34,21 @@ class Writer:
     programming the node's namespace."""
 
     def __init__(self, endpoint: str, netns: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
-        argv = [sys.executable, "-m", "agent.dataplane.run", "--etcd", endpoint, "--node", NODE, "--netns", netns]
+        argv = [
+            sys.executable,
+            "-m",
+            "agent.dataplane.run",
+            "--etcd-endpoints",
+            endpoint,
+            "--node-name",
+            NODE,
+            "--netns",
+            netns,
+        ]
         with contextlib.ExitStack() as files:
             stderr = files.enter_context(log.open("a")) if log is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(
-                [*argv, "--resync", "1", "--backend", "nft"],
+                [*argv, "--sync-period", "1", "--iptables-backend", "nft"],
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
@@ -137,5 +147,5 @@ def test_policy_from_etcd_is_enforced_coalesced_restarted_and_removed(
         after = node.ns.run("iptables-nft-save").stdout
         assert "podnet-pi-" not in after
         assert "10.244.7.1\n" not in ipset_members()
-    node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--backend", "nft")
+    node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--iptables-backend", "nft")
     assert "podnet" not in node.ns.run("iptables-nft-save").stdout

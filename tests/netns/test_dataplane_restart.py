@@ -46,7 +46,15 @@ print(tries, ok, flush=True)
 
 def start_writer(ns: Netns, state: Path, backend: str) -> tuple[subprocess.Popen[str], str]:
     proc = ns.popen(
-        sys.executable, "-m", "agent.dataplane.run", "--state", str(state), "--resync", "0.5", "--backend", backend
+        sys.executable,
+        "-m",
+        "agent.dataplane.run",
+        "--state",
+        str(state),
+        "--sync-period",
+        "0.5",
+        "--iptables-backend",
+        backend,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -114,5 +122,5 @@ def test_killed_writer_restarts_without_opening_anything(netns_bed: NetnsBed, tm
     assert "10.244.9.9" in bed.node.ns.run("ipset", "list", "podnet-s-allow-b").stdout
 
     bed.node.ns.bed.stop_process(writer)
-    bed.node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--backend", backend)
+    bed.node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--iptables-backend", backend)
     assert "podnet" not in save(bed.node, backend)

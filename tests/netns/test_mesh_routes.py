@@ -86,7 +86,16 @@ def test_full_mesh_programs_every_block_everywhere_and_pods_talk(mesh: Mesh, etc
 
     def agentctl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "agent.ctl.main", "--etcd-endpoints", etcd_server.endpoint, "--node", "n1", *args],
+            [
+                sys.executable,
+                "-m",
+                "agent.ctl.main",
+                "--etcd-endpoints",
+                etcd_server.endpoint,
+                "--node-name",
+                "n1",
+                *args,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -151,7 +160,16 @@ def test_borrowed_addresses_and_invalid_peers(mesh: Mesh, etcd: EtcdClient, etcd
     assert any(p.startswith("BGP peer long-key: password") for p in problems())
     assert "BGP peer ghost-peer: node 'ghost' does not exist" in problems()
     out = subprocess.run(
-        [sys.executable, "-m", "agent.ctl.main", "--etcd-endpoints", etcd_server.endpoint, "--node", "n1", "status"],
+        [
+            sys.executable,
+            "-m",
+            "agent.ctl.main",
+            "--etcd-endpoints",
+            etcd_server.endpoint,
+            "--node-name",
+            "n1",
+            "status",
+        ],
         capture_output=True,
         text=True,
         check=False,

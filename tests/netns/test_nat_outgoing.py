@@ -118,6 +118,6 @@ def test_nat_outgoing_masquerades_to_the_outside_only_and_follows_the_flag(
     with writer(etcd_server.endpoint, node.ns.name) as w:
         assert re.search(r"full .* wrote=0$", w.next_sync())
         assert source_of(a.ns, OUTSIDE, at_outside, next(tags)) == node.address
-    node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--backend", "nft")
+    node.ns.run(sys.executable, "-m", "agent.dataplane.run", "--remove", "--iptables-backend", "nft")
     assert "podnet" not in nat_save(node.ns)
     assert "podnet" not in node.ns.run("ipset", "list", "-n").stdout
