@@ -22,7 +22,6 @@ from datastore.etcd import EtcdTLS
 ENV_PREFIX = "PODNET_"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_warned: set[str] = set()  # old spellings already warned about in this process
 
 
 def env_name(flag: str) -> str:
@@ -48,13 +47,14 @@ class _Deprecated(argparse.Action):
 
     def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
         self.new = new
+        self._warned: argparse.Namespace | None = None
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
     ) -> None:
-        if option not in _warned:
-            _warned.add(option or "")
+        if self._warned is not namespace:  # once per command line, however often it is given
+            self._warned = namespace
             print(f"{parser.prog}: {option} is deprecated, use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 

@@ -91,3 +91,16 @@ def test_sample_conflist_is_accepted() -> None:
     plugin = {**conflist["plugins"][0], "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
     conf = parse_conf(plugin, {"PODNET_NODE_NAME": "n1"})
     assert conf.mtu == 1450 and conf.etcd_endpoints == ("10.96.232.136:2379",) and conf.host_netns is None
+
+
+def test_etcd_tls_files_from_the_network_config_else_the_callers_variables() -> None:
+    files = {"etcdCAFile": "/tls/ca.pem", "etcdCertFile": "/tls/c.pem", "etcdKeyFile": "/tls/c.key"}
+    conf = parse_conf({**CONF, **files}, {"PODNET_ETCD_CA_FILE": "/env/ca.pem"})
+    assert (conf.etcd_ca_file, conf.etcd_cert_file, conf.etcd_key_file) == ("/tls/ca.pem", "/tls/c.pem", "/tls/c.key")
+    conf = parse_conf(CONF, {"PODNET_ETCD_CA_FILE": "/env/ca.pem"})
+    assert (conf.etcd_ca_file, conf.etcd_cert_file, conf.etcd_key_file) == ("/env/ca.pem", None, None)
+    assert parse_conf(CONF, {}).etcd_ca_file is None
+    for bad in ({"etcdCAFile": "ca.pem"}, {"etcdKeyFile": "/tls/c.key"}, {"etcdCertFile": ""}):
+        with pytest.raises(CniError) as exc:
+            parse_conf({**CONF, **bad}, {})
+        assert exc.value.code == INVALID_CONFIG, bad
