@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def serve_main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level not in LOG_LEVELS:  # from the variable: argparse checks choices only on the command line
+        parser.error(f"--log-level: {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     try:
         tls = opt.etcd_tls(args)
     except ValueError as exc:
