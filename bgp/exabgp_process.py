@@ -87,7 +87,10 @@ class ExabgpProcess:
                 env=self.env(),
                 start_new_session=True,
             )
-        self.pid_path.write_text(f"{proc.pid}\n")
+        try:
+            self.pid_path.write_text(f"{proc.pid}\n")
+        except OSError as exc:  # it runs all the same; only a next owner could not find it if it outlived us
+            log.warning("cannot write %s: %s", self.pid_path, exc)
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes], sig: int) -> None:
