@@ -10,6 +10,7 @@ section whose object fails to answer (mid-restart, say) is left out of that scra
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Protocol, TypeVar
 
@@ -124,6 +125,12 @@ class BgpSpeaker(Protocol):
 
     def peer_status(self) -> Sequence[Peer]: ...
     def rejected_routes(self) -> Mapping[str, Mapping[str, int]]: ...
+    @property
+    def exabgp_pid(self) -> int | None: ...
+    @property
+    def bridge_pid(self) -> int | None: ...
+    @property
+    def restarts(self) -> int: ...
 
 
 class WatchStats(Protocol):
@@ -346,6 +353,40 @@ def bgp(speaker: BgpSpeaker | None) -> Iterable[Metric]:
     )
 
 
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """CPU seconds (user + system) and resident bytes of a process, from /proc; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    return cpu, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss (field 24), in pages
+
+
+def bgp_processes(speaker: BgpSpeaker) -> Iterable[Metric]:
+    """ExaBGP and its API bridge are processes of their own: the agent's ``process_*`` metrics do not cover them."""
+    cpu = CounterMetricFamily(
+        "podnet_bgp_process_cpu_seconds", "CPU time of the speaker's ExaBGP and API bridge", labels=["process"]
+    )
+    rss = GaugeMetricFamily(
+        "podnet_bgp_process_resident_memory_bytes",
+        "Resident memory of the speaker's ExaBGP and API bridge",
+        labels=["process"],
+    )
+    for name, pid in (("exabgp", speaker.exabgp_pid), ("bridge", speaker.bridge_pid)):
+        usage = process_usage(pid) if pid is not None else None
+        if usage is not None:
+            cpu.add_metric([name], usage[0])
+            rss.add_metric([name], float(usage[1]))
+    yield cpu
+    yield rss
+    yield counter(
+        "podnet_bgp_exabgp_restarts", "Times ExaBGP exited and the speaker started it again", speaker.restarts
+    )
+
+
 def datastore(cache: DatastoreCache, node: str | None) -> Iterable[Metric]:
     watchers = list(cache.watchers)
     yield counter(
@@ -418,6 +459,7 @@ def register_node_metrics(
     if speaker_of is not None:
         of_speaker = speaker_of
         sections["bgp"] = lambda: bgp(of_speaker())
+        sections["bgp processes"] = following(speaker_of, bgp_processes)
     collector = SectionCollector(sections)
     registry.register(collector)
     return collector

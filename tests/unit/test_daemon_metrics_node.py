@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,9 @@ class FakeSpeaker:
     peers: list[PeerState] = field(default_factory=list)
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     broken: bool = False
+    exabgp_pid: int | None = None
+    bridge_pid: int | None = None
+    restarts: int = 0
 
     def peer_status(self) -> list[PeerState]:
         if self.broken:
@@ -291,10 +295,40 @@ def test_bgp_peers_by_state_prefixes_and_rejections(node: Node) -> None:
     assert value(s, "podnet_bgp_peers", state="Established") == 0
 
 
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def test_the_speakers_processes_cpu_and_memory(node: Node) -> None:
+    child = subprocess.Popen(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 30"])
+    try:
+        node.speaker.exabgp_pid, node.speaker.bridge_pid, node.speaker.restarts = child.pid, 2**22 + 7, 2
+        deadline = time.monotonic() + 10
+        # Until the busy loop is done (its CPU time counted) and sleep has settled (its memory no longer growing).
+        while time.monotonic() < deadline and not (
+            "sleep" in read(f"/proc/{child.pid}/cmdline") and read(f"/proc/{child.pid}/stat").split(") ")[1][0] == "S"
+        ):
+            time.sleep(0.05)
+        text, s = scrape(node.registry)
+        status = read(f"/proc/{child.pid}/status")
+        rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+        assert value(s, "podnet_bgp_process_resident_memory_bytes", process="exabgp") == pytest.approx(rss, rel=0.2)
+        assert value(s, "podnet_bgp_process_cpu_seconds_total", process="exabgp") > 0
+        assert ("podnet_bgp_process_cpu_seconds_total", (("process", "bridge"),)) not in s  # no such process
+        assert value(s, "podnet_bgp_exabgp_restarts_total") == 2
+        promtool_check(text)
+    finally:
+        child.kill()
+        child.wait()
+    _, s = scrape(node.registry)
+    assert ("podnet_bgp_process_cpu_seconds_total", (("process", "exabgp"),)) not in s  # gone
+
+
 def test_a_section_that_raises_is_left_out_and_the_scrape_goes_on(node: Node, caplog: pytest.LogCaptureFixture) -> None:
     node.speaker.broken = True
     text, s = scrape(node.registry)
-    assert not [key for key in s if key[0].startswith("podnet_bgp_")]
+    assert not [key for key in s if key[0].startswith(("podnet_bgp_peers", "podnet_bgp_prefixes_"))]
     assert value(s, "podnet_datastore_in_sync") == 0  # the other sections are all there
     assert "podnet_policy_sync_duration_seconds" in text
     promtool_check(text)
