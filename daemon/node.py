@@ -29,6 +29,7 @@ from daemon.components.status import StatusComponent
 from daemon.config import AgentConfig
 from daemon.endpoints import HealthServer
 from daemon.metrics import ComponentCollector, new_registry
+from daemon.metrics_node import register_node_metrics
 from daemon.supervisor import Supervisor
 from daemon.threads import Threads
 from datastore.etcd import EtcdClient, EtcdTLS
@@ -63,12 +64,13 @@ class NodeAgent:
     config: AgentConfig
     client: EtcdClient
     threads: Threads = field(default_factory=Threads)
+    exit_on_death: bool = True  # a dead component thread ends the process (status 70); tests keep it in
 
     def __post_init__(self) -> None:
         c = self.config
         self.started = threading.Event()  # every component started
         self.registry = registry = new_registry()
-        self.supervisor = Supervisor([], self.threads, grace=30.0, exit_on_death=True)
+        self.supervisor = Supervisor([], self.threads, grace=30.0, exit_on_death=self.exit_on_death)
         self.http = HealthServer(
             self.supervisor.status, registry, self.threads, host=c.health_bind.host, port=c.health_bind.port
         )
@@ -130,6 +132,21 @@ class NodeAgent:
         self.status.router = self.router
         self.supervisor.add(*parts)  # type: ignore[arg-type]  # each keeps the Component protocol
         ComponentCollector(self.supervisor.status).register(registry)
+        self._register_metrics()
+
+    def _register_metrics(self) -> None:
+        policy, router = self.policy, self.router
+        register_node_metrics(
+            self.registry,
+            node=self.config.node_name,
+            cache_of=lambda: self.datastore.cache,
+            policy_of=None if policy is None else (lambda: policy.syncer),
+            verdicts_of=None if policy is None else (lambda: policy.feed),
+            commands_of=None if policy is None else (lambda: policy.runner.stats if policy.runner else None),
+            routes_of=None if router is None else (lambda: router.runner.routes),
+            links_of=None if router is None else (lambda: router.runner.links),
+            speaker_of=None if router is None else (lambda: router.runner.speaker),
+        )
 
     def start(self) -> None:
         started = time.monotonic()
