@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import (
 
 from agent.dataplane.programmer import Owned
 from agent.dataplane.stats import HistogramSnapshot
+from cni.stats import CniStats
 from datastore.model import ROUTE_TYPES
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,29 @@ def datastore(cache: DatastoreCache, node: str | None) -> Iterable[Metric]:
         )
 
 
+def cni_server(stats: CniStats) -> Iterable[Metric]:
+    family = HistogramMetricFamily(
+        "podnet_cni_request_duration_seconds",
+        "Seconds the CNI server took to answer a call (ADD, DEL, CHECK), errors included",
+        labels=["command"],
+    )
+    for command, h in sorted(stats.latency.items()):
+        snap = h.snapshot()
+        buckets = [(str(float(b)), float(c)) for b, c in zip(snap.bounds, snap.cumulative, strict=False)]
+        buckets.append(("+Inf", float(snap.samples)))
+        family.add_metric([command], buckets, snap.sum)
+    yield family
+    yield labelled(
+        CounterMetricFamily("podnet_cni_requests", "CNI calls answered, by command (INVALID: unreadable)",
+                            labels=["command"]),
+        dict(stats.requests()),
+    )  # fmt: skip
+    yield labelled(
+        CounterMetricFamily("podnet_cni_errors", "CNI calls answered with an error, by command", labels=["command"]),
+        dict(stats.errors()),
+    )
+
+
 def following(of: Callable[[], T | None], metrics: Callable[[T], Iterable[Metric]]) -> Section:
     """A section reading the object ``of`` returns at each scrape; none while it returns None."""
 
@@ -435,6 +459,7 @@ def register_node_metrics(
     routes_of: Callable[[], RouteStats | None] | None = None,
     links_of: Callable[[], LinkStats | None] | None = None,
     speaker_of: Callable[[], BgpSpeaker | None] | None = None,
+    cni_of: Callable[[], CniStats | None] | None = None,
 ) -> SectionCollector:
     """Register the metrics of the objects the ``*_of`` callables return, asked at every scrape: an object made
     when its component starts, or replaced (the router's speaker), is followed; while one returns None its
@@ -460,6 +485,8 @@ def register_node_metrics(
         of_speaker = speaker_of
         sections["bgp"] = lambda: bgp(of_speaker())
         sections["bgp processes"] = following(speaker_of, bgp_processes)
+    if cni_of is not None:
+        sections["cni"] = following(cni_of, cni_server)
     collector = SectionCollector(sections)
     registry.register(collector)
     return collector

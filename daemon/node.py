@@ -135,7 +135,7 @@ class NodeAgent:
         self._register_metrics()
 
     def _register_metrics(self) -> None:
-        policy, router = self.policy, self.router
+        policy, router, cni = self.policy, self.router, self.cni
         register_node_metrics(
             self.registry,
             node=self.config.node_name,
@@ -146,6 +146,7 @@ class NodeAgent:
             routes_of=None if router is None else (lambda: router.runner.routes),
             links_of=None if router is None else (lambda: router.runner.links),
             speaker_of=None if router is None else (lambda: router.runner.speaker),
+            cni_of=None if cni is None else (lambda: cni.server.stats if cni.server else None),
         )
 
     def start(self) -> None:

@@ -449,3 +449,23 @@ def _the_agents_wiring_fits(agent: NodeAgent) -> None:
         links_of=(lambda: router.runner.links) if router else None,
         speaker_of=(lambda: router.runner.speaker) if router else None,
     )
+
+
+def test_cni_calls_timed_and_counted_by_command() -> None:
+    from cni.stats import CniStats
+
+    stats = CniStats()
+    registry = new_registry()
+    register_node_metrics(registry, cni_of=lambda: stats)
+    stats.record("ADD", 0.02, ok=True)
+    stats.record("ADD", 0.3, ok=False)
+    stats.record("DEL", 0.004, ok=True)
+    stats.record("bogus", 0.001, ok=False)
+    text, samples = scrape(registry)
+    promtool_check(text)
+    assert value(samples, "podnet_cni_request_duration_seconds_count", command="ADD") == 2
+    assert value(samples, "podnet_cni_request_duration_seconds_bucket", command="ADD", le="0.025") == 1
+    assert value(samples, "podnet_cni_request_duration_seconds_count", command="DEL") == 1
+    assert value(samples, "podnet_cni_requests_total", command="ADD") == 2
+    assert value(samples, "podnet_cni_errors_total", command="ADD") == 1
+    assert value(samples, "podnet_cni_errors_total", command="INVALID") == 1
