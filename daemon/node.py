@@ -13,6 +13,7 @@ is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 import threading
@@ -35,6 +36,7 @@ from daemon.threads import Threads
 from datastore.etcd import EtcdClient, EtcdTLS
 
 log = logging.getLogger(__name__)
+RELOADABLE = frozenset({"log_level", "sync_period", "node_ip"})  # on SIGHUP; any other option takes a restart
 
 
 def version() -> str:
@@ -148,6 +150,21 @@ class NodeAgent:
             speaker_of=None if router is None else (lambda: router.runner.speaker),
             cni_of=None if cni is None else (lambda: cni.server.stats if cni.server else None),
         )
+
+    def reload(self, old: AgentConfig, new: AgentConfig) -> None:
+        """Apply what can change at run time (``RELOADABLE``): the verify period and the node-IP method (the
+        address is detected again at once). The log level is the caller's."""
+        if new.sync_period != old.sync_period:
+            if self.policy is not None and self.policy.syncer is not None:
+                self.policy.syncer.resync_interval = new.sync_period
+            if self.router is not None:
+                runner = self.router.runner
+                runner.config = dataclasses.replace(runner.config, resync=new.sync_period)
+            log.info("sync period now %.0f s", new.sync_period)
+        if new.node_ip != old.node_ip and self.bootstrap.watcher is not None:
+            self.bootstrap.watcher.method = new.node_ip
+            log.info("node IP method now %s: detecting again", new.node_ip.text)
+            self.bootstrap.watcher.check()
 
     def start(self) -> None:
         started = time.monotonic()

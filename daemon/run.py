@@ -5,8 +5,9 @@
 - The datastore must be read within ``cache_sync_timeout`` or the agent exits 1 saying why (kubelet restarts it;
   the dataplane is left as it is).
 - SIGTERM/SIGINT: stop within the grace period without touching the dataplane (the lease-bound status keys go);
-  SIGHUP: read the config file again and apply what can change at run time (the log level), logging what needs a
-  restart instead. The cluster config's log level is followed while no higher source sets it.
+  SIGHUP: read the config file again and apply what can change at run time (the log level, the sync period, the
+  node-IP method), logging what needs a restart instead. The cluster config's log level is followed while no
+  higher source sets it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from agent.logs import apply_log_level
 from daemon import config as c
 from daemon import config_cli
 from daemon import logs as daemon_logs
-from daemon.node import NodeAgent, etcd_client
+from daemon.node import RELOADABLE, NodeAgent, etcd_client
 from daemon.supervisor import StartError
 
 log = logging.getLogger("daemon.run")
-RELOADABLE = {"log_level"}  # applied on SIGHUP / cluster change; everything else needs a restart
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,5 +156,9 @@ def _reload(args: argparse.Namespace, current: c.Resolved, agent: NodeAgent) -> 
         log.warning("SIGHUP: %s changed; that takes a restart of the agent (kept as is)", ", ".join(later))
     if "log_level" in changed:
         apply_log_level(new.config.log_level, str(new.sources["log_level"]))
-    config = dataclasses.replace(current.config, log_level=new.config.log_level)
-    return c.Resolved(config, {**current.sources, "log_level": new.sources["log_level"]})
+    now = {n: getattr(new.config, n) for n in RELOADABLE}
+    config = dataclasses.replace(current.config, **now)
+    agent.reload(current.config, config)
+    if not changed:
+        log.info("SIGHUP: configuration unchanged")
+    return c.Resolved(config, {**current.sources, **{n: new.sources[n] for n in RELOADABLE}})
