@@ -6,6 +6,7 @@ the kubelet retries a CNI call that failed meanwhile)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -30,12 +31,8 @@ class CniComponent:
 
     def start(self) -> None:
         server = self.server = CniServer(str(self.socket))
-        server.service_actions = self._tick  # type: ignore[method-assign]  # serve_forever calls it every poll
         self._heartbeat.beat(ready=True, reason=f"listening on {self.socket}")
         self._thread = self.threads.spawn(self.name, "cni-serve", lambda: server.serve_forever(POLL))
-
-    def _tick(self) -> None:
-        self._heartbeat.beat()
 
     def stop(self, deadline: float) -> None:
         server, thread = self.server, self._thread
@@ -49,4 +46,7 @@ class CniComponent:
         server.server_close()
 
     def health(self) -> Health:
-        return self._heartbeat.snapshot()
+        h = self._heartbeat.snapshot()
+        server = self.server
+        # The server's loop marks every poll and request: that is this component's progress.
+        return h if server is None else dataclasses.replace(h, last_progress=server.last_progress)
