@@ -26,7 +26,7 @@ from agent.dataplane.programmer import PolicyDataplane
 from agent.dataplane.render import OWNED_PREFIX, is_our_jump, parse_save
 from agent.dataplane.routes import RouteWriter
 from datastore import keys as k
-from datastore.etcd import EtcdClient
+from datastore.etcd import EtcdClient, EtcdTLS
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,12 @@ def cleanup(
     backend: str = "auto",
     node: str | None = None,
     etcd_endpoints: Sequence[str] = (),
+    tls: EtcdTLS | None = None,
 ) -> CleanupResult:
     result = CleanupResult()
     remove_policy(Runner(netns), backend, result)
     remove_kernel_routes_and_devices(netns, result)
     if node and etcd_endpoints:
-        with EtcdClient(list(etcd_endpoints)) as client:
+        with EtcdClient(list(etcd_endpoints), tls=tls) as client:
             remove_status(client, node, result)
     return result

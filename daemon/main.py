@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from agent.dataplane.backend import BACKENDS
 from agent.dataplane.netlink import NetlinkError
 from daemon.cleanup import cleanup
+from datastore.cli_options import add_etcd_tls, add_option, endpoint_list, etcd_tls
 from datastore.errors import DatastoreError
 
 
@@ -30,16 +31,21 @@ def _cleanup(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="podnet-agent cleanup", description="Remove everything podnet owns on this node, and nothing else."
     )
-    ap.add_argument("--netns", default=None, help="work in this network namespace (under /run/netns)")
-    ap.add_argument("--backend", default="auto", choices=("auto", *BACKENDS), help="iptables backend (auto: both)")
-    ap.add_argument("--node", default=None, help="this node's name: its status keys in etcd are deleted")
-    ap.add_argument("--etcd-endpoints", default="", help="comma-separated etcd endpoints (host:port)")
+    add_option(ap, "--netns", "work in this network namespace (under /run/netns)", metavar="NAME")
+    add_option(ap, "--iptables-backend", "iptables backend (auto: both)", default="auto",
+               choices=("auto", *BACKENDS), aliases=("--backend",))  # fmt: skip
+    add_option(ap, "--node-name", "this node's name: its status keys in etcd are deleted", aliases=("--node",),
+               metavar="NAME")  # fmt: skip
+    add_option(ap, "--etcd-endpoints", "comma-separated etcd endpoints (host:port)", default="",
+               metavar="HOST:PORT[,...]")  # fmt: skip
+    add_etcd_tls(ap)
     args = ap.parse_args(argv)
-    endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]
-    if bool(args.node) != bool(endpoints):
-        ap.error("--node and --etcd-endpoints go together")
+    endpoints = endpoint_list(args.etcd_endpoints)
+    if bool(args.node_name) != bool(endpoints):
+        ap.error("--node-name and --etcd-endpoints go together")
     try:
-        res = cleanup(netns=args.netns, backend=args.backend, node=args.node, etcd_endpoints=endpoints)
+        res = cleanup(netns=args.netns, backend=args.iptables_backend, node=args.node_name, etcd_endpoints=endpoints,
+                      tls=etcd_tls(args))  # fmt: skip
     except (OSError, RuntimeError, NetlinkError, DatastoreError, ValueError) as exc:
         print(f"podnet-agent cleanup: {exc}", file=sys.stderr)
         return 1

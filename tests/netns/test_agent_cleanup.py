@@ -201,7 +201,7 @@ def test_cleanup_removes_podnet_state_and_nothing_else(
         assert "podnet-" in programmed["ipset list"] and "vxlan.podnet" in programmed["ip link"]
         assert "proto 80" in programmed["ip route"]
 
-        first = cleanup("--netns", node.ns.name, "--node", NODE, "--etcd-endpoints", etcd_server.endpoint)
+        first = cleanup("--netns", node.ns.name, "--node-name", NODE, "--etcd-endpoints", etcd_server.endpoint)
         assert first.returncode == 0, first.stderr
         after = snapshot(node.ns)
         for what in before:
@@ -216,7 +216,7 @@ def test_cleanup_removes_podnet_state_and_nothing_else(
         assert etcd.get(k.AgentStatusKey("n2").path) is not None
         assert etcd.get(k.NodeKey(NODE).path) is not None
 
-        second = cleanup("--netns", node.ns.name, "--node", NODE, "--etcd-endpoints", etcd_server.endpoint)
+        second = cleanup("--netns", node.ns.name, "--node-name", NODE, "--etcd-endpoints", etcd_server.endpoint)
         assert second.returncode == 0, second.stderr
         assert second.stdout.strip() == "cleanup done: 0 object(s) removed"
         assert snapshot(node.ns) == before
