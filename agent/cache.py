@@ -107,8 +107,11 @@ class _Journal:
 
 
 class Cache:
-    def __init__(self, client: EtcdClient | None, on_change: Callable[[], None] | None = None) -> None:
-        """``client`` None: a cache fed by ``apply`` only (benchmarks, tests)."""
+    def __init__(
+        self, client: EtcdClient | None, on_change: Callable[[], None] | None = None, *, log_retries: bool = True
+    ) -> None:
+        """``client`` None: a cache fed by ``apply`` only (benchmarks, tests). ``log_retries=False``: the watches
+        log their retries at debug level; the owner reports an outage once (``Watcher.failing``)."""
         self._lock = threading.Lock()
         self._maps: dict[str, Map[Any, Any]] = {name: Map() for name in FIELDS}
         self._by_node: Map[str, Map[EndpointId, m.Endpoint]] = Map()
@@ -118,7 +121,9 @@ class Cache:
         self._synced: set[str] = set()
         self._subscribers: list[Callable[[], None]] = [on_change] if on_change is not None else []
         self.in_sync = threading.Event()
-        self.watchers = [] if client is None else [Watcher(client, p, self._sink_for(p)) for p in WATCHED]
+        self.watchers = (
+            [] if client is None else [Watcher(client, p, self._sink_for(p), log_retries=log_retries) for p in WATCHED]
+        )
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (cheap, from a watcher thread) after every change."""

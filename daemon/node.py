@@ -76,7 +76,7 @@ class NodeAgent:
         self.http = HealthServer(
             self.supervisor.status, registry, self.threads, host=c.health_bind.host, port=c.health_bind.port
         )
-        self.datastore = DatastoreComponent(self.client)
+        self.datastore = DatastoreComponent(self.client, self.threads)
         cache = self.datastore.cache
         self.status = StatusComponent(
             self.client,

@@ -102,8 +102,14 @@ class Watcher:
         sink: Sink,
         retry_delay: float = 0.2,
         max_retry_delay: float = 5.0,
+        *,
+        log_retries: bool = True,
     ) -> None:
+        """``log_retries=False``: each failed attempt is logged at debug level only; the owner reports the outage
+        (``failing``) once for all its watches (the agent's datastore component)."""
         self.client = client
+        self.log_retries = log_retries
+        self.failing: str | None = None  # why the last attempt failed, until one succeeds
         self.prefix = prefix
         self.sink = sink
         self.retry_delay = retry_delay
@@ -174,13 +180,16 @@ class Watcher:
         delay = min(self.retry_delay * 2**self._failures, self.max_retry_delay) * random.uniform(0.5, 1.0)
         self._failures += 1
         if exc is not None:
-            log.warning("watch %s: %s; retrying in %.2fs", self.prefix, exc, delay)
+            self.failing = str(exc)
+            level = logging.WARNING if self.log_retries else logging.DEBUG
+            log.log(level, "watch %s: %s; retrying in %.2fs", self.prefix, exc, delay)
         self._stop.wait(delay)
 
     # --- snapshot ----------------------------------------------------------------------------------------
 
     def _resync(self) -> None:
         kvs, revision = self.client.get_prefix(self.prefix)
+        self.failing = None
         self.snapshots += 1
         self.last_progress = time.monotonic()
         present = {kv.key for kv in kvs}
@@ -208,6 +217,7 @@ class Watcher:
                     if resumed:
                         self.reconnects += 1
                     self._failures = 0
+                    self.failing = None
                     continue
                 for event in batch.events:
                     if event.type == "put":

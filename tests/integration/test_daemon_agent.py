@@ -156,3 +156,40 @@ def test_sighup_reloads_the_log_level_and_sigterm_removes_the_status(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_etcd_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    etcd: EtcdClient, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [AGENT, "--node-name", "out-a", "--etcd-endpoints", etcd_server.endpoint, "--health-bind",
+             f"127.0.0.1:{port}", "--workdir", str(tmp_path), *OFF],
+            stdout=log, stderr=subprocess.STDOUT, env=ENV,
+        )  # fmt: skip
+    assert etcd_server.proc is not None
+    etcd_pid = etcd_server.proc.pid
+    try:
+        assert eventually(lambda: _get(port, "/readiness")[0] == 200, timeout=30), log_path.read_text()
+        os.kill(etcd_pid, signal.SIGSTOP)  # etcd hangs: every watch goes silent, every request times out
+        try:
+            assert eventually(lambda: "datastore unreachable" in log_path.read_text(), timeout=30)
+            time.sleep(12)  # long enough for every watch to give up and retry more than once
+            code, body = _get(port, "/readiness")
+            assert code == 200 and "etcd unreachable for" in body, body  # the dataplane is as good as before
+        finally:
+            os.kill(etcd_pid, signal.SIGCONT)
+        assert eventually(lambda: "datastore reachable again" in log_path.read_text(), timeout=30)
+        text = log_path.read_text()
+        assert text.count("datastore unreachable") == 1, text
+        assert text.count("datastore reachable again") == 1, text
+        assert " datastore.watcher " not in text, text  # each watch's retries are at debug level
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=35)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
