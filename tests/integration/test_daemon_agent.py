@@ -54,8 +54,8 @@ def test_bad_configuration_is_refused_naming_its_source(tmp_path: Path) -> None:
     assert bad_file.returncode == 2
     assert f"config file {conf}: unknown key 'logLevl' (did you mean 'logLevel'?)" in bad_file.stderr
     bad_env = subprocess.run([AGENT, "--node-name", "a"], capture_output=True, text=True, timeout=60, check=False,
-                             env={**ENV, "PODNET_SYNC_PERIODE": "1m"})  # fmt: skip
-    assert bad_env.returncode == 2 and "environment PODNET_SYNC_PERIODE" in bad_env.stderr, bad_env.stderr
+                             env={**ENV, "PODNET_SYNC_PERIDO": "1m"})  # fmt: skip
+    assert bad_env.returncode == 2 and "environment PODNET_SYNC_PERIDO" in bad_env.stderr, bad_env.stderr
 
 
 def test_config_prints_each_value_with_its_source(tmp_path: Path) -> None:

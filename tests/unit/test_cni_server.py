@@ -112,7 +112,7 @@ def test_shutdown_stops_serving_removes_the_socket_and_leaves_the_callers_client
 
 def test_the_python_client_and_the_server_speak_the_same_protocol() -> None:
     assert (client.MAGIC, client.DEFAULT_SOCKET) == (wire.MAGIC, wire.DEFAULT_SOCKET)
-    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "K8S_POD_NAME=a=b;X=1", "PODNET_X": ""}
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "K8S_POD_NAME=a=b;X=1", "PODNET_TEST_X": ""}
     assert wire.parse_request(client.encode_request(env, b'{"x": "\\u0000"}')) == (env, b'{"x": "\\u0000"}')
     assert client.decode_answer(wire.encode_answer(7, b"out\n", b"err")) == (7, b"out\n", b"err")
 
