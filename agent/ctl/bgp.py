@@ -36,7 +36,7 @@ def _sync(mode_on: bool, revision: int | None, seen: int) -> str:
 
 
 def _agent_lines(a: m.AgentStatus) -> list[str]:
-    sync = f"in sync (revision {a.revision})" if a.in_sync else "NOT in sync"
+    sync = f"datastore in sync (revision {a.revision})" if a.in_sync else "datastore NOT in sync"
     lines = [
         f"podnet agent on {a.node}: {sync}, since {_since(a.since)}",
         f"AS number {a.as_number or '-'}, router ID {a.router_id or '-'}",

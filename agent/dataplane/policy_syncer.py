@@ -183,7 +183,7 @@ class PolicySyncer:
                 "full" if full else "incremental",
                 len(result.chains_written),
                 len(result.chains_deleted),
-                result.jumps_fixed,
+                ", ".join(result.jumps_fixed) or "none",
                 result.sets_changed,
                 result.sets_destroyed,
                 report.seconds * 1000,

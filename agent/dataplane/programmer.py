@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend, detect
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.ipset import Ipset
 from agent.dataplane.iptables import Iptables, Listing, RestoreError
 from agent.dataplane.render import (
@@ -89,8 +89,8 @@ class Owned:
 class PolicyDataplane:
     """The only writer of podnet's iptables chains, kernel jumps and ipsets (in one network namespace)."""
 
-    def __init__(self, runner: Runner | None = None, backend: Backend | None = None) -> None:
-        self.runner = runner or Runner()
+    def __init__(self, runner: CommandRunner | None = None, backend: Backend | None = None) -> None:
+        self.runner = runner or CommandRunner()
         self.backend = backend or detect(self.runner)
         self.iptables = Iptables(self.runner, self.backend)
         self.ipset = Ipset(self.runner)
@@ -229,7 +229,7 @@ class PolicyDataplane:
                 delete_stale=delete_stale,
             )
             if plan.text:
-                log.info("podnet jump moved or deleted in %s %s: putting it back", table, list(plan.jumps_fixed))
+                log.info("podnet jump moved or deleted in %s %s: putting it back", table, ", ".join(plan.jumps_fixed))
                 self.iptables.restore(table, plan.text)
                 result.jumps_fixed += [f"{table}/{c}" for c in plan.jumps_fixed]
             self._builtin[table] = after_jump_fixes(rules, desired.jumps, table, plan.jumps_fixed)

@@ -44,7 +44,7 @@ def test_status_shows_the_peer_table_identity_and_sync(etcd: EtcdClient, etcd_se
         code, out = run(etcd_server, "status")
         assert code == 0, out
         lines = out.splitlines()
-        assert lines[0] == "podnet agent on n1: in sync (revision 42), since 2026-11-23 01:02:03"
+        assert lines[0] == "podnet agent on n1: datastore in sync (revision 42), since 2026-11-23 01:02:03"
         assert lines[1] == "AS number 64512, router ID 192.168.77.11"
         header = next(i for i, line in enumerate(lines) if line.startswith("PEER ADDRESS"))
         rows = [[c.strip() for c in line.split("|")] for line in lines[header + 2 :]]
@@ -88,7 +88,7 @@ def test_status_shows_readiness_modes_and_policy_and_route_sync_then_that_the_ag
         code, out = run(etcd_server, "status")
         assert code == 0, out
         assert out.splitlines()[:9] == [
-            "podnet agent on n1: in sync (revision 57), since 2026-11-23 01:02:03",
+            "podnet agent on n1: datastore in sync (revision 57), since 2026-11-23 01:02:03",
             "AS number 64512, router ID 192.168.77.11",
             "readiness: NOT ready: bgp: 0 of 2 peers established; policy: first apply not done",
             "modes: router, firewall, cni",
