@@ -3,8 +3,9 @@
     sudo .venv/bin/python bench/agent_footprint.py [--quick] [--changes 60] [--idle 30] [--no-write]
 
 One run, one model, both setups one after the other. The model is a real cluster's datastore (bench/policy_model.py):
-1 000 nodes, 10 000 pods (100 on the measured node), 1 000 policies, node records, the pool, blocks and affinities,
-endpoints, pods and namespaces, in a real etcd (``--quick``: 10 nodes, 1 000 pods, 100 policies). The measured node
+1 000 nodes with 10 pods each, the measured node brought to 100 (10 090 pods), 1 000 policies, node records, the pool,
+blocks and affinities, endpoints, pods and namespaces, in a real etcd (``--quick``: 100 nodes, 1 090 pods, 100
+policies). The measured node
 is a network namespace on a test-bed underlay; its 100 local pods' host interfaces exist there (veth pairs).
 ``nodeToNodeMesh`` is off and there are no BGP peers (routes to other nodes' blocks come from the datastore, VXLAN),
 so readiness does not wait on peers; ExaBGP and its bridge still run.
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -55,11 +57,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import netns_lock
 from bench.ipam_cni import COMPILED, cni_call, cpu_seconds, pct
 from bench.machine import describe
-from bench.policy_model import iface, synthetic
+from bench.policy_model import (
+    APPS,
+    BLOCK,
+    POD_NET,
+    POOL,
+    RESERVED_BLOCKS,
+    Cluster,
+    container_id,
+    iface,
+    synthetic,
+)
+from cni.link import pod_mac
 from datastore import codec
 from datastore import model as m
 from datastore.etcd import EtcdClient, Put
 from datastore.store import Store
+from ipam.allocator import pod_handle
 from testbed.etcd_server import EtcdServer
 from testbed.netns import NetnsBed, Node, Underlay
 
@@ -67,7 +81,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "agent_footprint.md"
 BIN = Path(sys.executable).parent
 NODE = "n1"
-LOCAL = 100
+LOCAL = 100  # pods on the measured node
+PER_NODE = 10  # pods on every other node: 10 000 pods on 1 000 nodes
 SYNC_PERIOD = 5.0
 TARGETS = {"ready_s": 5.0, "change_p99_ms": 50.0, "rss_mib": 150.0, "idle_cpu_pct": 1.0, "add_p99_ms": 100.0}
 TRANSIENT = ("iptables", "ip6tables", "ipset", "xtables", "ip", "nft", "conntrack", "sysctl")
@@ -272,9 +287,36 @@ def log_phases(s: Setup) -> dict[str, float]:
 # --- the model ---------------------------------------------------------------------------------------------------
 
 
+def model(pods: int, policies: int) -> Cluster:
+    """``pods`` pods at PER_NODE a node (1 000 nodes for 10 000 pods), then the measured node brought to LOCAL pods
+    (in blocks of its own after every other node's), as a node of a real cluster sees the datastore."""
+    cluster = synthetic(pods, policies, NODE, PER_NODE, namespaces=max(1, pods // 100))
+    n_ns = len(cluster.namespaces)
+    first = RESERVED_BLOCKS + -(-pods // PER_NODE) * -(-(PER_NODE + 1) // BLOCK)
+    extra = LOCAL - PER_NODE
+    cidrs = [f"{POD_NET.network_address + (first + b) * BLOCK}/{POOL.block_size}" for b in range(-(-extra // BLOCK))]
+    allocations: list[dict[int, m.Allocation]] = [{} for _ in cidrs]
+    for q in range(extra):
+        i = pods + q
+        ns, pod = f"ns{i % n_ns}", f"p{i}"
+        b, ordinal = divmod(q, BLOCK)
+        ip = str(ipaddress.IPv4Network(cidrs[b]).network_address + ordinal)
+        cid = container_id(ns, pod)
+        allocations[b][ordinal] = m.Allocation(pod_handle(cid), f"{ns}/{pod}", "pod")
+        labels = {"app": APPS[i % len(APPS)], "tier": f"t{i % 3}", "idx": str(i % 10)}
+        cluster.pods.append(m.Pod(ns, pod, labels, (ip,), NODE, (m.NamedPort("http", 8080 + i % 2, "TCP"),)))
+        cluster.endpoints.append(
+            m.Endpoint(NODE, ns, pod, "eth0", iface(ns, pod), (f"{ip}/32",), pod_mac(cid), cid, pod_handle(cid))
+        )
+    for cidr, allocs in zip(cidrs, allocations, strict=True):
+        cluster.blocks.append(m.Block(cidr, f"node:{NODE}", allocs))
+        cluster.affinities.append(m.Affinity(NODE, cidr))
+    return cluster
+
+
 def load_model(client: EtcdClient, pods: int, policies: int, node_ip: str) -> tuple[list[m.Policy], int]:
     """Fill etcd; returns the port policies that select a local pod, and the keys written."""
-    cluster = synthetic(pods, policies, NODE, LOCAL)
+    cluster = model(pods, policies)
     cluster.nodes[0] = dataclasses.replace(cluster.nodes[0], ip=node_ip)
     objs: list[codec.Model] = [m.ClusterConfig(node_mesh=False), *cluster.objects()]
     for i in range(0, len(objs), 100):
@@ -298,7 +340,7 @@ def load_model(client: EtcdClient, pods: int, policies: int, node_ip: str) -> tu
 def node_namespace(bed: NetnsBed, ul: Underlay, name: str, host: int, pods: int) -> Node:
     """The node and its local pods' host interfaces (named as the CNI names them)."""
     node = bed.node(name, ul, host)
-    cluster = synthetic(pods, 0, NODE, LOCAL)
+    cluster = model(pods, 0)
     names = [e.host_iface for e in cluster.endpoints if e.node == NODE]
     # veth pairs with both ends in the node (this kernel has no dummy driver loaded)
     batch = "".join(
@@ -550,7 +592,7 @@ def verdict(value: float, target: float, unit: str) -> str:
 def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: str, head: str, keys: int) -> str:
     names = {"old": "A: old (node_runner + dataplane.run + podnet-cni serve)", "new": "B: podnet-agent"}
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    nodes = -(-args.pods // LOCAL)
+    nodes = -(-args.pods // PER_NODE)
     lines = [
         f"### Agent footprint, {stamp} UTC{' (--quick)' if args.quick else ''}: {nodes} nodes, {args.pods} pods "
         f"({LOCAL} on the node), {args.policies} policies ({keys} keys in etcd)",

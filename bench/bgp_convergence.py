@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bgp.plan import Defaults, identity, plan_peers
 from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 
 LOCK = "/run/lock/podnet-netns.lock"
 RESULTS = Path(__file__).resolve().parent / "results" / "bgp.md"
@@ -159,14 +159,14 @@ def idle_cpu_pct(pids: list[int]) -> float:
     return 100 * sum(a - b for a, b in zip(after, before, strict=True)) / IDLE_WINDOW
 
 
-def models_for(hosts: list[Node], reflectors: int) -> dict[str, m.Node]:
+def models_for(hosts: list[NodeNs], reflectors: int) -> dict[str, m.Node]:
     return {
         h.name: m.Node(name=h.name, ip=h.ip, rr_cluster_id="1.0.0.1" if i < reflectors else None)
         for i, h in enumerate(hosts)
     }
 
 
-def run_podnet(hosts: list[Node], topo: Topology, rounds: int, tmp: Path) -> Result:
+def run_podnet(hosts: list[NodeNs], topo: Topology, rounds: int, tmp: Path) -> Result:
     cfg = m.ClusterConfig(node_mesh=topo.reflectors == 0)
     models = models_for(hosts, topo.reflectors)
     speakers: dict[str, Speaker] = {}
@@ -255,7 +255,7 @@ def bird_conf(me: m.Node, models: dict[str, m.Node], topo: Topology) -> str:
 
 
 def run_bird(
-    bed: NetnsBed, hosts: list[Node], topo: Topology, rounds: int, tmp: Path, *, podnet_reflectors: bool = False
+    bed: NetnsBed, hosts: list[NodeNs], topo: Topology, rounds: int, tmp: Path, *, podnet_reflectors: bool = False
 ) -> Result:
     """BIRD on every node; with ``podnet_reflectors`` the reflectors are podnet speakers instead, so that their
     fan-out is measured with clients that cost next to nothing (BIRD) instead of 28 more ExaBGPs."""

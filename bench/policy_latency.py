@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.cache import Cache
 from agent.calc.policy import PolicyCompiler, compile_node
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
 from agent.dataplane.programmer import PolicyDataplane
 from bench import netns_lock
@@ -99,7 +99,7 @@ def child(
 
     with NetnsBed() as bed:
         ns = bed.netns("lat")
-        runner = Runner(ns.name)
+        runner = CommandRunner(ns.name)
         cache_ref: list[Cache] = []
         compiler = PolicyCompiler()  # incremental, as the agent runs it
 
@@ -152,8 +152,8 @@ def child(
         # The floor: the same final text restored in one go into a fresh namespace.
         fresh = bed.netns("floor")
         t = time.perf_counter()
-        Runner(fresh.name).run(["ipset", "restore"], stdin=state_sets)
-        Runner(fresh.name).run([f"iptables-{backend}-restore"], stdin=ipt_text)
+        CommandRunner(fresh.name).run(["ipset", "restore"], stdin=state_sets)
+        CommandRunner(fresh.name).run([f"iptables-{backend}-restore"], stdin=ipt_text)
         cold["floor_s"] = time.perf_counter() - t
 
         # What starting one tool inside the namespace costs (a sync starts two or three): paid by the test bed's

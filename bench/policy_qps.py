@@ -54,13 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.calc.policy import compile_node
 from agent.calc.snapshot import Snapshot
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
 from bench import netns_lock
 from bench.machine import describe
 from bench.policy_model import customer_networks, iface, pod_ip
 from datastore import model as m
-from testbed.netns import NetnsBed, Node, Pod
+from testbed.netns import NetnsBed, NodeNs, Pod
 
 RESULTS = Path(__file__).resolve().parent / "results" / "policy.md"
 NS = "bench"
@@ -96,7 +96,7 @@ http {{
 @dataclass
 class Setup:
     name: str
-    node: Node
+    node: NodeNs
     client: Pod
     server: Pod
     stranger: Pod  # in another namespace: podnet's policy refuses it
@@ -274,7 +274,7 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def set_counters(runner: Runner, backend: Backend) -> tuple[int, int]:
+def set_counters(runner: CommandRunner, backend: Backend) -> tuple[int, int]:
     """Packets accepted by the ESTABLISHED rule of podnet-FORWARD, and packets that met any rule matching an
     ipset (each counted at every such rule it met)."""
     text = runner.run([f"iptables-{backend.name}-save", "-c", "-t", "filter"]).stdout
@@ -292,7 +292,7 @@ def set_counters(runner: Runner, backend: Backend) -> tuple[int, int]:
 
 
 def program(name: str, s: Setup, backend: Backend) -> None:
-    runner = Runner(s.node.ns.name)
+    runner = CommandRunner(s.node.ns.name)
     if name == "conntrack":
         runner.run([backend.iptables, "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])
     elif name.startswith(("podnet-", "cidr-")):
@@ -364,7 +364,7 @@ def main() -> int:
                 flush=True,
             )
         biggest = f"podnet-{sizes[-1]}"
-        est, via_sets = set_counters(Runner(setups[biggest].node.ns.name), backend)
+        est, via_sets = set_counters(CommandRunner(setups[biggest].node.ns.name), backend)
 
     def rps_ratio(a: str, b: str) -> list[float]:
         return [x.rps / y.rps for x, y in zip(runs[a], runs[b], strict=True)]

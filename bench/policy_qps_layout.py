@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.calc.policy import compile_node
 from agent.calc.state import Chain
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
 from bench import netns_lock
 from bench.policy_qps import RESULTS, make_setup, snapshot, spread, tcp_open, wait_http, wrk
@@ -70,7 +70,7 @@ def main() -> int:
         ul = bed.underlay()
         setups = {n: make_setup(bed, ul, f"v{i}", 11 + i, Path(tmpdir)) for i, n in enumerate(names)}
         for name, s in setups.items():
-            runner = Runner(s.node.ns.name)
+            runner = CommandRunner(s.node.ns.name)
             restore = [f"iptables-{backend.name}-restore", "--noflush"]
             if name == "conntrack":
                 runner.run([backend.iptables, "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.calc.policy import compile_node
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
 from bench import netns_lock
 from bench.machine import describe
@@ -53,7 +53,7 @@ def main() -> int:
     runs: dict[int, list[Run]] = {n: [] for n in sizes}
     with NetnsBed() as bed, tempfile.TemporaryDirectory(prefix="podnet-qps-") as tmpdir:
         s = make_setup(bed, bed.underlay(), "swap", 11, Path(tmpdir))
-        dataplane = PolicyDataplane(Runner(s.node.ns.name), backend)
+        dataplane = PolicyDataplane(CommandRunner(s.node.ns.name), backend)
         states = {
             n: compile_node(snapshot(n, s.node.name, s.client, s.server, s.stranger), s.node.name).state for n in sizes
         }

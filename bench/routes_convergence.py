@@ -43,7 +43,7 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from testbed.etcd_server import EtcdServer
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 
 LOCK = "/run/lock/podnet-netns.lock"
 RESULTS = Path(__file__).resolve().parent / "results" / "routes.md"
@@ -53,7 +53,7 @@ TOPOLOGIES = {"mesh2": (2, 0), "mesh3": (3, 0), "mesh10": (10, 0), "rr30": (30, 
 class Monitor:
     """``ip monitor route`` in one node namespace: when each prefix was first added and deleted (wall clock)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeNs) -> None:
         self.proc = subprocess.Popen(
             ["ip", "-n", node.ns.name, "monitor", "route"],
             stdout=subprocess.PIPE,
@@ -216,7 +216,7 @@ def run_podnet(
     *,
     reactor_speed: float | None = None,
     server: EtcdServer,
-    nodes: dict[str, Node],
+    nodes: dict[str, NodeNs],
     n_rr: int,
     rounds: int,
     encapsulation: str,
@@ -305,7 +305,7 @@ def run_podnet(
         etcd.close()
 
 
-def run_bird(bed: NetnsBed, nodes: dict[str, Node], n_rr: int, rounds: int, work: Path) -> Side:
+def run_bird(bed: NetnsBed, nodes: dict[str, NodeNs], n_rr: int, rounds: int, work: Path) -> Side:
     hosts = list(nodes.values())
     topo = Topology("", len(hosts), n_rr)
     models = models_for(hosts, n_rr)

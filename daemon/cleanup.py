@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.dataplane.backend import BACKENDS, Backend, detect
-from agent.dataplane.cmd import CommandError, Runner
+from agent.dataplane.cmd import CommandError, CommandRunner
 from agent.dataplane.ipset import IpsetError
 from agent.dataplane.iptables import RestoreError
 from agent.dataplane.links import LinkWriter
@@ -45,7 +45,7 @@ class CleanupResult:
         return sum(map(len, (self.chains, self.jumps, self.sets, self.routes, self.devices, self.status_keys)))
 
 
-def _ours(runner: Runner, backend: Backend) -> tuple[list[str], list[str]]:
+def _ours(runner: CommandRunner, backend: Backend) -> tuple[list[str], list[str]]:
     """The podnet chains and the built-in chains holding a podnet jump in ``backend``, as "table/chain" (none when
     its tools are missing or fail)."""
     proc = runner.run([backend.save], check=False)
@@ -59,12 +59,12 @@ def _ours(runner: Runner, backend: Backend) -> tuple[list[str], list[str]]:
     return chains, jumps
 
 
-def _our_sets(runner: Runner) -> set[str]:
+def _our_sets(runner: CommandRunner) -> set[str]:
     proc = runner.run(["ipset", "list", "-n"], check=False)
     return {n for n in proc.stdout.split() if n.startswith(OWNED_PREFIX)} if proc.returncode == 0 else set()
 
 
-def remove_policy(runner: Runner, backend: str, result: CleanupResult) -> None:
+def remove_policy(runner: CommandRunner, backend: str, result: CleanupResult) -> None:
     """Every podnet chain, jump and ipset. A backend without any of ours is not written to (an empty transaction
     would create tables there that were not); an ipset still referenced by the other backend's rules is destroyed
     on a second pass, once those rules are gone."""
@@ -123,7 +123,7 @@ def cleanup(
     tls: EtcdTLS | None = None,
 ) -> CleanupResult:
     result = CleanupResult()
-    remove_policy(Runner(netns), backend, result)
+    remove_policy(CommandRunner(netns), backend, result)
     remove_kernel_routes_and_devices(netns, result)
     if node and etcd_endpoints:
         with EtcdClient(list(etcd_endpoints), tls=tls) as client:

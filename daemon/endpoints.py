@@ -32,7 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from daemon import report
 from daemon.component import Health, Heartbeat
 from daemon.supervisor import Status
-from daemon.threads import Threads
+from daemon.threads import Threads, stop_server
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -315,12 +315,7 @@ class HealthServer:
             return
         self._threads.stopping(self._name)
         self._heartbeat.set(ready=False, reason="stopped")
-        if thread is not None and thread.is_alive():
-            # shutdown() waits for serve_forever's loop, which looks every poll interval: within the deadline unless
-            # the loop is wedged, in which case the supervisor reports this stop as overrunning.
-            server.shutdown()
-            thread.join(max(0.0, deadline - time.monotonic()))
-        server.server_close()
+        stop_server(server, thread, deadline)
 
     def health(self) -> Health:
         return self._heartbeat.snapshot()

@@ -48,7 +48,7 @@ class Counts(Protocol):
 
 
 class CommandCounts(Protocol):
-    """``agent.dataplane.cmd.CommandStats`` (a ``Runner``'s ``stats``)."""
+    """``agent.dataplane.cmd.CommandStats`` (a ``CommandRunner``'s ``stats``)."""
 
     @property
     def calls(self) -> Counts: ...
@@ -465,7 +465,7 @@ def register_node_metrics(
     when its component starts, or replaced (the router's speaker), is followed; while one returns None its
     metrics are absent (the BGP peer states read 0). An argument left None (a run mode that is off) adds nothing.
     ``node`` with ``cache_of``: this node's endpoints are counted. ``commands_of``: the policy writer's
-    ``Runner.stats``."""
+    ``CommandRunner.stats``."""
     sections: dict[str, Section] = {}
     if cache_of is not None:
         sections["datastore"] = following(cache_of, lambda cache: datastore(cache, node))

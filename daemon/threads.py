@@ -8,6 +8,7 @@ A thread that ends while its component is stopping ended as asked; an exception 
 from __future__ import annotations
 
 import logging
+import socketserver
 import threading
 import time
 import traceback
@@ -96,3 +97,13 @@ class Threads:
         """Names of ``component``'s threads still running."""
         with self._lock:
             return [t.name for t in self._threads.get(component, ()) if t.is_alive()]
+
+
+def stop_server(server: socketserver.BaseServer, thread: threading.Thread | None, deadline: float) -> None:
+    """End a ``serve_forever`` loop running on ``thread`` and close the server, by ``deadline``. ``shutdown()`` waits
+    for the loop, which looks every poll interval: within the deadline unless the loop is wedged (the supervisor then
+    reports the stop as overrunning)."""
+    if thread is not None and thread.is_alive():
+        server.shutdown()
+        thread.join(max(0.0, deadline - time.monotonic()))
+    server.server_close()

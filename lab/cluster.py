@@ -35,7 +35,7 @@ from ipam.allocator import Ipam
 from ipam.pools import add_pool
 from lab.scenario import OUTSIDE_RANGES, PodSpec, Scenario
 from testbed.etcd_server import EtcdServer, free_port
-from testbed.netns import Netns, NetnsBed, Node, Underlay, sh
+from testbed.netns import Netns, NetnsBed, NodeNs, Underlay, sh
 from testbed.wait import eventually
 
 POOL = "10.244.0.0/16"
@@ -63,7 +63,7 @@ class Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.etcd_server = EtcdServer()
         self.bed = NetnsBed()
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, NodeNs] = {}
         self.pods: dict[str, LabPod] = {}
         self.outside: LabPod | None = None  # the outside host (no pod spec: its key is its address)
         self.underlay: Underlay | None = None
@@ -170,14 +170,14 @@ class Cluster:
         """Pods ("ns/name") and the outside host (its address), in the order reports show them."""
         return sorted(self.pods) + ([self.outside.ip] if self.outside else [])
 
-    def _spawn(self, node: Node, role: str, argv: list[str]) -> None:
+    def _spawn(self, node: NodeNs, role: str, argv: list[str]) -> None:
         logf = open(self.workdir / f"{node.name}-{role}.log", "ab")  # noqa: SIM115 - the child writes it
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         logf.close()
         self._procs.append(proc)
 
-    def _start_node(self, name: str, node: Node) -> None:
+    def _start_node(self, name: str, node: NodeNs) -> None:
         """One ``podnet-agent`` per node (policy, routes and BGP, the CNI server), pointed into its namespace; its
         health endpoints on a free port of the machine's loopback."""
         port = self.health_ports.setdefault(name, free_port())

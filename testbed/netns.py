@@ -123,7 +123,9 @@ class Underlay:
 
 
 @dataclass
-class Node:
+class NodeNs:
+    """A node's network namespace in the test bed (not the datastore's ``datastore.model.Node`` record)."""
+
     name: str
     ns: Netns
     ip: str  # underlay address/prefix
@@ -134,12 +136,16 @@ class Node:
         return str(ipaddress.ip_interface(self.ip).ip)
 
 
+# The old name, kept only for bench/agent_footprint.py (owned elsewhere); new code says NodeNs.
+Node = NodeNs
+
+
 @dataclass
 class Pod:
     namespace: str
     name: str
     ns: Netns
-    node: Node
+    node: NodeNs
     ip: str
     host_iface: str
 
@@ -177,7 +183,7 @@ class NetnsBed:
         ns.ip("addr", "add", f"{net.network_address + 1}/{net.prefixlen}", "dev", "br0")
         return Underlay(ns, net)
 
-    def node(self, name: str, underlay: Underlay, host: int, mtu: int = 1500) -> Node:
+    def node(self, name: str, underlay: Underlay, host: int, mtu: int = 1500) -> NodeNs:
         """A node namespace with ``eth0`` on the underlay bridge at the subnet's ``host``-th address."""
         ns = self.netns(name)
         addr = f"{underlay.subnet.network_address + host}/{underlay.subnet.prefixlen}"
@@ -202,9 +208,9 @@ class NetnsBed:
         ns.ip("addr", "add", addr, "dev", "eth0")
         ns.ip("route", "add", "default", "via", underlay.gateway)
         ns.sysctl("net.ipv4.ip_forward", "1")
-        return Node(name, ns, addr)
+        return NodeNs(name, ns, addr)
 
-    def pod(self, node: Node, namespace: str, name: str, ip: str, mtu: int = 1450) -> Pod:
+    def pod(self, node: NodeNs, namespace: str, name: str, ip: str, mtu: int = 1450) -> Pod:
         """A pod namespace wired to ``node`` the way podnet's CNI does it (veth, /32, proxy-ARP gateway)."""
         ns = self.netns(f"{node.name}-{name}"[:40])
         host_if = cali_name(namespace, name)

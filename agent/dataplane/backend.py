@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 
 BACKENDS = ("legacy", "nft")
 HINT_CHAINS = (":KUBE-IPTABLES-HINT", ":KUBE-KUBELET-CANARY")
@@ -35,7 +35,7 @@ class Backend:
         return f"iptables-{self.name}-restore"
 
 
-def _dump(runner: Runner, name: str) -> str:
+def _dump(runner: CommandRunner, name: str) -> str:
     proc = runner.run([f"iptables-{name}-save"], check=False)
     return proc.stdout if proc.returncode == 0 else ""
 
@@ -52,7 +52,7 @@ def choose(legacy_dump: str, nft_dump: str) -> str:
     return "legacy" if count(legacy_dump) > count(nft_dump) else "nft"
 
 
-def detect(runner: Runner, setting: str | None = None) -> Backend:
+def detect(runner: CommandRunner, setting: str | None = None) -> Backend:
     setting = setting or os.environ.get(ENV) or "auto"
     if setting != "auto":
         if setting not in BACKENDS:

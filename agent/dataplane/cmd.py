@@ -41,7 +41,7 @@ class CommandStats:
 
 
 @dataclass(frozen=True)
-class Runner:
+class CommandRunner:
     netns: str | None = None
     timeout: float = 60.0
     stats: CommandStats = field(default_factory=CommandStats, compare=False, repr=False)

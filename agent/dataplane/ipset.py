@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent.dataplane.cmd import CommandError, Runner
+from agent.dataplane.cmd import CommandError, CommandRunner
 from agent.dataplane.render import KernelSet, parse_ipset_save
 
 
@@ -17,7 +17,7 @@ class IpsetError(RuntimeError):
 
 
 class Ipset:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: CommandRunner) -> None:
         self.runner = runner
 
     def save(self) -> dict[str, KernelSet]:

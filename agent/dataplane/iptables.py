@@ -13,7 +13,7 @@ import re
 import time
 
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import CommandError, Runner, Started
+from agent.dataplane.cmd import CommandError, CommandRunner, Started
 from agent.dataplane.render import parse_chain_listing
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def is_commit_contention(stderr: str, text: str) -> bool:
 
 
 class Iptables:
-    def __init__(self, runner: Runner, backend: Backend, attempts: int = 4, wait_s: float = 5.0) -> None:
+    def __init__(self, runner: CommandRunner, backend: Backend, attempts: int = 4, wait_s: float = 5.0) -> None:
         self.runner = runner
         self.backend = backend
         self.attempts = attempts

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.dataplane.backend import BACKENDS, detect
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer, SyncReport
 from agent.dataplane.programmer import PolicyDataplane
 from agent.dataplane.statefile import StateFileError, from_json
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    runner = Runner(args.netns)
+    runner = CommandRunner(args.netns)
     dataplane = PolicyDataplane(runner, detect(runner, args.iptables_backend))
     if args.remove:
         dataplane.remove_all()

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from pathlib import Path
 
 from cni.server import CniServer
 from daemon.component import Health, Heartbeat
-from daemon.threads import Threads
+from daemon.threads import Threads, stop_server
 
 POLL = 0.5
 LOOP_TIMEOUT = 30.0
@@ -40,10 +39,7 @@ class CniComponent:
             return
         self.threads.stopping(self.name)
         self._heartbeat.set(ready=False, reason="stopped")
-        if thread is not None and thread.is_alive():
-            server.shutdown()
-            thread.join(max(0.0, deadline - time.monotonic()))
-        server.server_close()
+        stop_server(server, thread, deadline)
 
     def health(self) -> Health:
         h = self._heartbeat.snapshot()

@@ -9,7 +9,7 @@ import time
 
 from agent.cache import Cache
 from agent.dataplane.backend import detect
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.policy_syncer import PolicySyncer, SyncReport
 from agent.dataplane.programmer import PolicyDataplane
 from agent.policy_feed import PolicyFeed
@@ -40,13 +40,13 @@ class PolicyComponent:
         self.sync_period = sync_period
         self.syncer: PolicySyncer | None = None
         self.feed: PolicyFeed | None = None
-        self.runner: Runner | None = None  # its ``stats`` count iptables/ipset calls for the metrics
+        self.runner: CommandRunner | None = None  # its ``stats`` count iptables/ipset calls for the metrics
         self.last_report: SyncReport | None = None
         self.applied_revision: int | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        runner = self.runner = Runner(self.netns)
+        runner = self.runner = CommandRunner(self.netns)
         dataplane = PolicyDataplane(runner, detect(runner, None if self.backend == "auto" else self.backend))
         syncers: list[PolicySyncer] = []
         self.feed = PolicyFeed(self.cache, self.node, refused=lambda: syncers[0].refused if syncers else {})

@@ -17,7 +17,7 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from testbed.etcd_server import EtcdServer, free_port
-from testbed.netns import NetnsBed, Node, Pod, Underlay, kill_namespace_pids
+from testbed.netns import NetnsBed, NodeNs, Pod, Underlay, kill_namespace_pids
 from testbed.netns import sh as bed_sh
 from testbed.procs import register_child, unregister_child
 from testbed.wait import eventually
@@ -38,7 +38,7 @@ class Mesh:
     server: EtcdServer
     workdir: Path
     encapsulation: str
-    nodes: dict[str, Node] = field(default_factory=dict)
+    nodes: dict[str, NodeNs] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)  # node name -> its pod
     runners: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     runner_args: tuple[str, ...] = ()  # podnet-agent's options
@@ -149,7 +149,7 @@ def make_mesh(
     return mesh
 
 
-def routed_node(bed: NetnsBed, ul: Underlay, name: str, address: str) -> Node:
+def routed_node(bed: NetnsBed, ul: Underlay, name: str, address: str) -> NodeNs:
     """A node on the second subnet: same bridge, but reached from the first subnet only through the router."""
     ns = bed.netns(name)
     port = f"p-{name}"[:15]
@@ -159,7 +159,7 @@ def routed_node(bed: NetnsBed, ul: Underlay, name: str, address: str) -> Node:
     ns.ip("addr", "add", address, "dev", "eth0")
     ns.ip("route", "add", "default", "via", OTHER_SUBNET_GW)
     ns.sysctl("net.ipv4.ip_forward", "1")
-    return Node(name, ns, address)
+    return NodeNs(name, ns, address)
 
 
 def wait_for(pred: object, timeout: float, what: str, mesh: Mesh | None = None) -> float:

@@ -13,10 +13,10 @@ from typing import Any
 from agent.calc.policy import PolicyCompiler, compile_node
 from agent.calc.snapshot import Snapshot
 from agent.dataplane.backend import detect
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
 from datastore import model as m
-from testbed.netns import Netns, NetnsBed, Node, Pod, sh
+from testbed.netns import Netns, NetnsBed, NodeNs, Pod, sh
 
 OUTSIDE_IP = "198.51.100.7"
 NODE_SUBNETS = {"node1": "10.244.1.0/24", "node2": "10.244.2.0/24"}
@@ -36,7 +36,7 @@ def listen_many(ns: Netns, ports: list[tuple[str, int]]) -> None:
 @dataclass
 class Cluster:
     bed: NetnsBed
-    nodes: dict[str, Node]
+    nodes: dict[str, NodeNs]
     pods: dict[str, Pod]  # "ns/name" ->
     labels: dict[str, dict[str, str]]
     ns_labels: dict[str, dict[str, str]]
@@ -151,7 +151,7 @@ def build(
     labels = {k: v[2] for k, v in pods.items()}
     cluster = Cluster(bed, nodes, made, labels, ns_labels, outside, dict(named_ports or {}))
     for name, node in nodes.items():
-        runner = Runner(netns=node.ns.name)
+        runner = CommandRunner(netns=node.ns.name)
         cluster.writers[name] = PolicyDataplane(runner, detect(runner))
     return cluster
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from bgp.plan import Defaults, SpeakerIdentity, identity
 from bgp.speaker import Speaker, SpeakerConfig
 from datastore import model as m
-from testbed.netns import NetnsBed, Node, Underlay
+from testbed.netns import NetnsBed, NodeNs, Underlay
 from testbed.procs import alive
 from testbed.wait import eventually
 
@@ -29,13 +29,13 @@ FAST = Defaults(hold_time=3, graceful_restart_time=10)
 class Cluster:
     bed: NetnsBed
     underlay: Underlay
-    hosts: dict[str, Node]
+    hosts: dict[str, NodeNs]
     models: dict[str, m.Node]
 
 
 def make_cluster(bed: NetnsBed, names_hosts: Iterable[tuple[str, int]], rr: Iterable[str] = ()) -> Cluster:
     underlay = bed.underlay()
-    hosts: dict[str, Node] = {}
+    hosts: dict[str, NodeNs] = {}
     models: dict[str, m.Node] = {}
     reflectors = set(rr)
     for name, host in names_hosts:
@@ -111,7 +111,7 @@ class BirdPeer:
 class Bird:
     """BIRD 2 in a node namespace: BGP only (no kernel export), short timers, control socket in a temp dir."""
 
-    def __init__(self, bed: NetnsBed, host: Node, router_id: str, as_number: int, workdir: Path) -> None:
+    def __init__(self, bed: NetnsBed, host: NodeNs, router_id: str, as_number: int, workdir: Path) -> None:
         self.bed = bed
         self.host = host
         self.router_id = router_id
@@ -200,7 +200,7 @@ class Bird:
 
 
 class GoBGP:
-    def __init__(self, bed: NetnsBed, host: Node, router_id: str, as_number: int, workdir: Path) -> None:
+    def __init__(self, bed: NetnsBed, host: NodeNs, router_id: str, as_number: int, workdir: Path) -> None:
         self.host = host
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)

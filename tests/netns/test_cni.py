@@ -20,7 +20,7 @@ from datastore.store import Store
 from ipam.check import check
 from ipam.pools import add_pool
 from testbed.etcd_server import EtcdServer
-from testbed.netns import Netns, NetnsBed, Node, cali_name
+from testbed.netns import Netns, NetnsBed, NodeNs, cali_name
 from testbed.procs import register_child, unregister_child
 from testbed.wait import eventually
 
@@ -40,7 +40,7 @@ class Call:
 
 @dataclass
 class Cni:
-    node: Node
+    node: NodeNs
     endpoint: str
     socket: str
     client: tuple[str, ...] = (PLUGIN,)
@@ -98,12 +98,12 @@ def server(cni: Cni) -> Iterator[subprocess.Popen[str]]:
         unregister_child(proc.pid)
 
 
-def cali_links(node: Node) -> list[str]:
+def cali_links(node: NodeNs) -> list[str]:
     out = node.ns.ip("-o", "link", "show")
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ": cali" in line]
 
 
-def podnet_routes(node: Node) -> list[str]:
+def podnet_routes(node: NodeNs) -> list[str]:
     return [r.strip() for r in node.ns.ip("route", "show", "proto", "80").splitlines() if r.strip()]
 
 

@@ -21,12 +21,12 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from ipam.pools import add_pool
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 
 pytestmark = pytest.mark.netns
 
 
-def read(node: Node, name: str) -> str:
+def read(node: NodeNs, name: str) -> str:
     return node.ns.run("sysctl", "-n", name).stdout.strip()
 
 
@@ -44,18 +44,18 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> Non
 
 
 @pytest.fixture
-def node(netns_bed: NetnsBed) -> Iterator[Node]:
+def node(netns_bed: NetnsBed) -> Iterator[NodeNs]:
     n1 = netns_bed.node("n1", netns_bed.underlay(), 11)
     n1.ns.sysctl("net.ipv4.ip_forward", "0")  # the test bed turns it on; start from a node that has it off
     yield n1
 
 
-def add_vxlan(node: Node) -> None:
+def add_vxlan(node: NodeNs) -> None:
     node.ns.ip("link", "add", "vxlan.podnet", "type", "vxlan", "id", "4096", "dstport", "4789", "dev", "eth0")
     node.ns.sysctl("net.ipv4.conf.vxlan/podnet.rp_filter", "1")  # strict, whatever the kernel's default
 
 
-def test_sysctls_are_set_in_the_node_namespace_and_reported(node: Node) -> None:
+def test_sysctls_are_set_in_the_node_namespace_and_reported(node: NodeNs) -> None:
     root_forward = root_value("net.ipv4.ip_forward")
     all_rp = read(node, "net.ipv4.conf.all.rp_filter")
     assert set_sysctls(node.ns.name, "vxlan") == [
@@ -80,7 +80,7 @@ def test_no_namespace_is_an_error_per_sysctl() -> None:
 
 
 def test_the_watcher_follows_the_address_and_keeps_the_sysctls(
-    node: Node, etcd: EtcdClient, caplog: pytest.LogCaptureFixture
+    node: NodeNs, etcd: EtcdClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="daemon.bootstrap")
     method = parse_method("first-found")

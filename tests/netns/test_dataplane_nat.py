@@ -10,7 +10,7 @@ from agent.calc.nat import nat_state
 from agent.calc.snapshot import Snapshot
 from agent.calc.state import DataplaneState
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
 from datastore import model as m
 from testbed.netns import NetnsBed
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.netns
 BACKENDS = ["legacy", "nft"]
 
 
-def nat_lines(runner: Runner, backend: str) -> list[str]:
+def nat_lines(runner: CommandRunner, backend: str) -> list[str]:
     text = runner.run([f"iptables-{backend}-save", "-t", "nat"]).stdout
     return [line for line in text.splitlines() if "podnet" in line and not line.startswith("#")]
 
@@ -27,7 +27,7 @@ def nat_lines(runner: Runner, backend: str) -> list[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_nat_table_is_written_toggled_adopted_and_removed(netns_bed: NetnsBed, backend: str) -> None:
     ns = netns_bed.netns("n1")
-    runner = Runner(ns.name)
+    runner = CommandRunner(ns.name)
     nodes = {"n1": m.Node("n1", "192.168.77.11/24"), "n2": m.Node("n2", "192.168.77.12/24")}
 
     def state(nat: bool) -> DataplaneState:

@@ -13,9 +13,9 @@ import pytest
 
 from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.programmer import PolicyDataplane
-from testbed.netns import NetnsBed, Node, Pod
+from testbed.netns import NetnsBed, NodeNs, Pod
 
 pytestmark = pytest.mark.netns
 BACKENDS = ["legacy", "nft"]
@@ -27,7 +27,7 @@ REFUSED_RULE = f"-p tcp -m ipvs --vport {PORT} {MARK}"  # this kernel has no ipv
 
 @dataclass
 class Bed:
-    node: Node
+    node: NodeNs
     a: Pod
     b: Pod  # selected by policy "good"
     c: Pod
@@ -73,7 +73,7 @@ def state(bed: Bed, good: tuple[str, ...], bad: tuple[str, ...]) -> DataplaneSta
     )
 
 
-def chain_text(node: Node, backend: str, chain: str) -> list[str]:
+def chain_text(node: NodeNs, backend: str, chain: str) -> list[str]:
     text = node.ns.run(f"iptables-{backend}-save", "-t", "filter").stdout
     return [line for line in text.splitlines() if line.startswith(f"-A {chain} ")]
 
@@ -83,7 +83,7 @@ def test_a_refused_chain_is_held_closed_and_reported_while_the_rest_is_written(
     netns_bed: NetnsBed, backend: str
 ) -> None:
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     dp = PolicyDataplane(runner, Backend(backend))
     from_c = f"-m set --match-set podnet-s-c src {MARK}"
     try:
@@ -119,7 +119,7 @@ def test_a_refused_chain_is_held_closed_and_reported_while_the_rest_is_written(
 def test_a_chain_changed_into_a_refused_one_is_closed_not_left_as_it_was(netns_bed: NetnsBed, backend: str) -> None:
     """A policy chain already in the kernel whose new content is refused must not keep allowing what it allowed."""
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     dp = PolicyDataplane(runner, Backend(backend))
     from_c = f"-m set --match-set podnet-s-c src {MARK}"
     try:

@@ -14,12 +14,12 @@ from agent.calc.policy import compile_node
 from agent.calc.snapshot import Snapshot
 from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend, detect
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer
 from agent.dataplane.programmer import PolicyDataplane
 from agent.dataplane.render import RenderError
 from datastore import model as m
-from testbed.netns import NetnsBed, Node, Pod
+from testbed.netns import NetnsBed, NodeNs, Pod
 from testbed.wait import eventually
 
 pytestmark = pytest.mark.netns
@@ -29,7 +29,7 @@ PORT = 8080
 
 @dataclass
 class Bed:
-    node: Node
+    node: NodeNs
     a: Pod
     b: Pod  # isolated: only what is in podnet-s-allow-b may reach it
     c: Pod  # allowed to reach b
@@ -73,11 +73,11 @@ def isolate_b(bed: Bed, allowed: set[str], set_type: str = "hash:ip") -> Datapla
     )
 
 
-def save(node: Node, backend: str) -> str:
+def save(node: NodeNs, backend: str) -> str:
     return node.ns.run(f"iptables-{backend}-save").stdout
 
 
-def ipsets(node: Node) -> str:
+def ipsets(node: NodeNs) -> str:
     return node.ns.run("ipset", "save").stdout
 
 
@@ -103,7 +103,7 @@ def chain_rules(text: str, chain: str) -> list[str]:
 def test_state_is_enforced_and_updated_incrementally(netns_bed: NetnsBed, backend: str) -> None:
     bed = make_bed(netns_bed)
     assert bed.reach(bed.a) and bed.reach(bed.c)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     # A set left by an earlier run, too small for what is coming: adopted now, rebuilt when it must grow.
     runner.run(["ipset", "create", "podnet-s-allow-b", "hash:ip", "maxelem", "4"])
     dp = PolicyDataplane(runner, Backend(backend))
@@ -193,7 +193,7 @@ COMMIT
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_foreign_rules_are_byte_identical_through_sync_restart_and_cleanup(netns_bed: NetnsBed, backend: str) -> None:
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     runner.run([f"iptables-{backend}-restore"], stdin=FOREIGN)
     before = save(bed.node, backend)
     assert "KUBE-FORWARD" in before and "podnet" not in before
@@ -226,7 +226,7 @@ def test_foreign_rules_are_byte_identical_through_sync_restart_and_cleanup(netns
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_periodic_resync_repairs_drift(netns_bed: NetnsBed, backend: str) -> None:
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     state = isolate_b(bed, {bed.c.ip})
     syncer = PolicySyncer(PolicyDataplane(runner, Backend(backend)), lambda: Desired(1, state), resync_interval=0.3)
     syncer.start()
@@ -269,7 +269,7 @@ def test_periodic_resync_repairs_drift(netns_bed: NetnsBed, backend: str) -> Non
 
 def test_nothing_written_before_in_sync_and_stale_removed_after_first_full_sync(netns_bed: NetnsBed) -> None:
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     # What an older podnet left behind: a chain hooked into INPUT, and a set.
     runner.run(
         ["iptables-nft-restore", "--noflush"],
@@ -306,7 +306,7 @@ def test_nothing_written_before_in_sync_and_stale_removed_after_first_full_sync(
 def test_backend_detection_follows_the_rules_already_there(netns_bed: NetnsBed) -> None:
     ul = netns_bed.underlay()
     node = netns_bed.node("n1", ul, 11)
-    runner = Runner(node.ns.name)
+    runner = CommandRunner(node.ns.name)
     assert detect(runner, "auto").name == "nft"  # a fresh node
     runner.run(["iptables-legacy", "-A", "FORWARD", "-j", "ACCEPT"])
     assert detect(runner, "auto").name == "legacy"
@@ -322,7 +322,7 @@ def test_every_incremental_sync_rechecks_and_fixes_the_jumps(netns_bed: NetnsBed
     """The built-in chains are re-read on every sync (in the background, while it writes), not only on resyncs: a
     jump pushed down or deleted is back on top when the next change's sync returns."""
     bed = make_bed(netns_bed)
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     dp = PolicyDataplane(runner, Backend(backend))
     try:
         assert dp.apply(isolate_b(bed, {bed.c.ip}), full=True).full
@@ -400,7 +400,7 @@ def test_the_compilers_state_reads_back_as_written(netns_bed: NetnsBed, backend:
     )
     state = compile_node(snap, "n1").state
     assert any(not c.hashed for c in state.tables["filter"].values())
-    runner = Runner(bed.node.ns.name)
+    runner = CommandRunner(bed.node.ns.name)
     try:
         assert PolicyDataplane(runner, Backend(backend)).apply(state, full=True).wrote
         assert not bed.reach(bed.a) and bed.reach(bed.c)

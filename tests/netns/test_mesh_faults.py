@@ -96,7 +96,7 @@ def test_a_dead_nodes_routes_are_withdrawn_within_the_hold_time(
         mesh.close()
 
 
-class Watcher:
+class RouteTableSampler:
     """Samples kernel tables and a peer state every few milliseconds in the background."""
 
     def __init__(self, check: Callable[[], list[str]]) -> None:
@@ -112,7 +112,7 @@ class Watcher:
             self.samples += 1
             self._stop.wait(0.02)
 
-    def __enter__(self) -> Watcher:
+    def __enter__(self) -> RouteTableSampler:
         self._thread.start()
         return self
 
@@ -145,7 +145,7 @@ def test_a_graceful_agent_restart_removes_no_route_on_any_node(
             seen_states.add(st.value.state if st is not None else "absent")
             return out
 
-        with Watcher(check) as watcher:
+        with RouteTableSampler(check) as sampler:
             mesh.stop("n3")  # SIGTERM: a planned restart (ExaBGP goes without a NOTIFICATION)
             wait_for(lambda: seen_states - {"Established"} != set(), 10, "n1 saw the session to n3 drop", mesh)
             mesh.start("n3")
@@ -157,8 +157,8 @@ def test_a_graceful_agent_restart_removes_no_route_on_any_node(
 
             wait_for(n3_back, 30, "n3 back and established with n1", mesh)
             time.sleep(3)  # End-of-RIB, stale sweeps and n3's own BGP settle time all pass inside the watch
-        assert watcher.samples > 20  # every ~0.1 s over the whole restart
-        assert watcher.problems == [], (watcher.problems[:3], watcher.problems[-3:], len(watcher.problems))
+        assert sampler.samples > 20  # every ~0.1 s over the whole restart
+        assert sampler.problems == [], (sampler.problems[:3], sampler.problems[-3:], len(sampler.problems))
         assert seen_states - {"Established"}, "the session to n3 never dropped: graceful restart was not exercised"
         for a in NAMES:
             for b in NAMES:

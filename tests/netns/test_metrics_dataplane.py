@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.calc.policy import PolicyStatus
 from agent.calc.state import Chain, DataplaneState, IpSet, KernelJump
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.policy_syncer import Desired, PolicySyncer
 from agent.dataplane.programmer import PolicyDataplane
 from daemon.metrics_node import register_node_metrics
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 
 pytestmark = pytest.mark.netns
 MARK = "-j MARK --set-xmark 0x10000/0x10000"
@@ -88,7 +88,7 @@ def get(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def kernel_counts(node: Node, backend: str) -> tuple[int, int, int, int]:
+def kernel_counts(node: NodeNs, backend: str) -> tuple[int, int, int, int]:
     """podnet chains, rules in them, podnet sets and their members, as the kernel lists them."""
     save = node.ns.run(f"iptables-{backend}-save", "-t", "filter").stdout.splitlines()
     chains = sum(1 for line in save if line.startswith(":podnet-"))
@@ -121,7 +121,7 @@ def promtool_check(text: str) -> None:
 @pytest.mark.parametrize("backend", ["legacy", "nft"])
 def test_policy_metrics_follow_the_kernel(netns_bed: NetnsBed, backend: str) -> None:
     node = netns_bed.node("n1", netns_bed.underlay(), 11)
-    runner = Runner(node.ns.name)
+    runner = CommandRunner(node.ns.name)
     source = Source()
     syncer = PolicySyncer(PolicyDataplane(runner, Backend(backend)), source.desired)
     source.syncer = syncer

@@ -18,7 +18,7 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
 from testbed.etcd_server import EtcdServer
-from testbed.netns import NetnsBed, Node, Pod
+from testbed.netns import NetnsBed, NodeNs, Pod
 from testbed.wait import eventually
 from tests.netns.test_dataplane_etcd import NODE, writer
 
@@ -62,7 +62,7 @@ def _records(pod: Pod, labels: dict[str, str]) -> tuple[m.Pod, m.Endpoint]:
     )
 
 
-def _node(netns_bed: NetnsBed, store: Store) -> Node:
+def _node(netns_bed: NetnsBed, store: Store) -> NodeNs:
     ul = netns_bed.underlay()
     node = netns_bed.node(NODE, ul, 11)
     for ns in ("nsa", "nsb"):

@@ -20,8 +20,7 @@ from datastore import keys as k
 from datastore import model as m
 from datastore.etcd import EtcdClient
 from datastore.store import Store
-from testbed.netns import NetnsBed
-from testbed.netns import Node as BedNode
+from testbed.netns import NetnsBed, NodeNs
 from testbed.wait import eventually
 
 pytestmark = pytest.mark.netns
@@ -73,12 +72,12 @@ class ScriptedRunner(NodeRunner):
         return cast(Speaker, self.scripted)
 
 
-def podnet_routes(node: BedNode) -> list[str]:
+def podnet_routes(node: NodeNs) -> list[str]:
     return [line.strip() for line in node.ns.ip("route", "show", "proto", "80").splitlines()]
 
 
 @pytest.fixture
-def node(netns_bed: NetnsBed) -> BedNode:
+def node(netns_bed: NetnsBed) -> NodeNs:
     ul = netns_bed.underlay()
     return netns_bed.node("n1", ul, 11)
 
@@ -87,7 +86,7 @@ def node(netns_bed: NetnsBed) -> BedNode:
 def runner_factory(etcd: EtcdClient, tmp_path: Path) -> Iterator[Callable[..., ScriptedRunner]]:
     made: list[ScriptedRunner] = []
 
-    def make(node: BedNode, **config: Any) -> ScriptedRunner:
+    def make(node: NodeNs, **config: Any) -> ScriptedRunner:
         cfg = RunnerConfig(node="n1", workdir=tmp_path, netns=node.ns.name, **{"resync": 0.5, **config})
         r = ScriptedRunner(etcd, cfg)
         made.append(r)
@@ -101,7 +100,7 @@ def runner_factory(etcd: EtcdClient, tmp_path: Path) -> Iterator[Callable[..., S
             r.stop()
 
 
-def write_world(etcd: EtcdClient, node: BedNode) -> None:
+def write_world(etcd: EtcdClient, node: NodeNs) -> None:
     store = Store(etcd)
     store.put(m.IPPool("10.244.0.0/16", encapsulation="none"))
     store.put(m.Node("n1", node.ip))
@@ -111,7 +110,7 @@ def write_world(etcd: EtcdClient, node: BedNode) -> None:
 
 
 def test_after_a_restart_learned_routes_wait_for_bgp_and_withdrawals_apply_at_once(
-    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
 ) -> None:
     write_world(etcd, node)
     # Left by the previous run: a learned route and a blackhole for a block we no longer have.
@@ -152,7 +151,7 @@ def test_after_a_restart_learned_routes_wait_for_bgp_and_withdrawals_apply_at_on
 
 
 def test_a_peer_that_stays_down_is_given_up_after_the_startup_grace(
-    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
 ) -> None:
     write_world(etcd, node)
     node.ns.ip("route", "add", REMOTE, "via", PEER, "proto", "80")
@@ -163,7 +162,7 @@ def test_a_peer_that_stays_down_is_given_up_after_the_startup_grace(
 
 
 def test_without_its_node_record_the_runner_leaves_the_kernel_alone(
-    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
 ) -> None:
     write_world(etcd, node)
     Store(etcd).delete(k.NodeKey("n1"))
@@ -180,7 +179,7 @@ def test_without_its_node_record_the_runner_leaves_the_kernel_alone(
 
 
 def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
-    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
 ) -> None:
     """Prefix counts change with every route anywhere; written at each change they would cost an etcd write per
     peer on every node per event. State changes go out at once."""
@@ -209,7 +208,7 @@ def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
 
 
 def test_prefixes_churning_after_bgp_is_in_sync_leave_the_kernel_and_no_trace_in_the_runner(
-    etcd: EtcdClient, node: BedNode, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
 ) -> None:
     """Borrowed /32s come and go with pods. Before BGP is in sync the runner must remember what BGP delivered (a
     withdrawal of it is real even then); once BGP is in sync every learned route missing from the RIB goes anyway,

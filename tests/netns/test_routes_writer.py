@@ -15,27 +15,26 @@ from agent.dataplane.netlink import Netlink
 from agent.dataplane.routes import RouteWriter
 from bgp.rib import LearnedRoute
 from datastore import model as m
-from testbed.netns import NetnsBed
-from testbed.netns import Node as BedNode
+from testbed.netns import NetnsBed, NodeNs
 
 pytestmark = pytest.mark.netns
 
 BLOCKS = {"n1": "10.244.1.0/26", "n2": "10.244.2.0/26"}
 
 
-def snapshot(bed_nodes: list[BedNode], encapsulation: str) -> Snapshot:
+def snapshot(bed_nodes: list[NodeNs], encapsulation: str) -> Snapshot:
     ippool = m.IPPool("10.244.0.0/16", encapsulation=encapsulation)
     nodes = {n.name: m.Node(n.name, n.ip, vxlan_address=f"10.244.0.{i + 1}") for i, n in enumerate(bed_nodes)}
     blocks = {cidr: m.Block(cidr, affinity=f"node:{name}") for name, cidr in BLOCKS.items()}
     return Snapshot(in_sync=True, pools={ippool.cidr: ippool}, nodes=nodes, blocks=blocks)
 
 
-def learned_for(me: str, bed_nodes: list[BedNode]) -> list[LearnedRoute]:
+def learned_for(me: str, bed_nodes: list[NodeNs]) -> list[LearnedRoute]:
     return [LearnedRoute(BLOCKS[n.name], n.address, n.address) for n in bed_nodes if n.name != me]
 
 
 @contextlib.contextmanager
-def writers(node: BedNode) -> Iterator[tuple[LinkWriter, RouteWriter]]:
+def writers(node: NodeNs) -> Iterator[tuple[LinkWriter, RouteWriter]]:
     nl = Netlink(node.ns.name)
     try:
         yield LinkWriter(nl), RouteWriter(nl)
@@ -43,18 +42,18 @@ def writers(node: BedNode) -> Iterator[tuple[LinkWriter, RouteWriter]]:
         nl.close()
 
 
-def program(node: BedNode, plan: RoutePlan, in_sync: bool = True) -> None:
+def program(node: NodeNs, plan: RoutePlan, in_sync: bool = True) -> None:
     with writers(node) as (links, routes):
         assert links.apply(plan, in_sync).problems == []
         result = routes.apply(plan.routes, in_sync)
         assert result.failed == {}
 
 
-def podnet_routes(node: BedNode) -> list[str]:
+def podnet_routes(node: NodeNs) -> list[str]:
     return [line.strip() for line in node.ns.ip("route", "show", "proto", "80").splitlines()]
 
 
-def tx_packets(node: BedNode, dev: str) -> int:
+def tx_packets(node: NodeNs, dev: str) -> int:
     out = node.ns.ip("-s", "-o", "link", "show", dev)
     # "... TX: bytes packets errors ... \    <bytes> <packets> ..." (one line with -o)
     fields = out.split("TX:")[1].split("\\")[1].split()

@@ -3,7 +3,7 @@ parsed back with its parser and checked with ``promtool check metrics``.
 
 The writers are the real ones (PolicySyncer over a PolicyDataplane, RouteWriter, LinkWriter, the cache); only what
 lies under them is stood in for: the iptables/ipset tools are ``sh`` processes that swallow their input (so the
-Runner counts real process runs), netlink is a small fake table. The real kernel's side is the agent's netns test.
+CommandRunner counts real process runs), netlink is a small fake table. The real kernel's side: the agent's netns test.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from agent.calc.policy import PolicyStatus
 from agent.calc.routes import Route, RoutePlan
 from agent.calc.state import Chain, DataplaneState, IpSet
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import Runner, tool_of
+from agent.dataplane.cmd import CommandRunner, tool_of
 from agent.dataplane.iptables import Iptables
 from agent.dataplane.links import LinkWriter
 from agent.dataplane.netlink import Netlink
@@ -44,7 +44,7 @@ NODE = "node-1"
 
 
 @dataclass(frozen=True)
-class FakeTools(Runner):
+class FakeTools(CommandRunner):
     """Runs ``sh`` instead of each tool: it reads the input and prints nothing (an empty kernel that takes every
     write); a tool named in ``failing`` exits 1 with a complaint instead."""
 

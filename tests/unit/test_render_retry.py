@@ -9,18 +9,18 @@ from collections.abc import Sequence
 import pytest
 
 from agent.dataplane.backend import Backend
-from agent.dataplane.cmd import CommandError, Runner
+from agent.dataplane.cmd import CommandError, CommandRunner
 from agent.dataplane.iptables import Iptables, RestoreError
 
 TEXT = "*filter\n:podnet-a - [0:0]\n-A podnet-a -j ACCEPT\nCOMMIT\n"
 
 
-class ScriptedRunner(Runner):
+class ScriptedRunner(CommandRunner):
     """Answers each tool run with the next scripted failure, then with success."""
 
     def __init__(self, failures: list[str]) -> None:
         super().__init__()
-        object.__setattr__(self, "failures", failures)  # Runner is a frozen dataclass
+        object.__setattr__(self, "failures", failures)  # CommandRunner is a frozen dataclass
         object.__setattr__(self, "calls", [])
 
     def run(self, cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,14 @@ from agent.cache import Cache
 from agent.calc.policy import compile_node
 from agent.calc.routes import RoutePlan, plan_routes
 from agent.calc.snapshot import Snapshot
-from agent.dataplane.cmd import Runner
+from agent.dataplane.cmd import CommandRunner
 from agent.dataplane.links import LinkWriter
 from agent.dataplane.netlink import Netlink
 from agent.dataplane.programmer import PolicyDataplane
 from agent.dataplane.routes import RouteWriter
 from bgp.rib import LearnedRoute
 from datastore.etcd import EtcdClient
-from testbed.netns import Node
+from testbed.netns import NodeNs
 
 
 def snapshot(client: EtcdClient) -> Snapshot:
@@ -35,7 +35,7 @@ def snapshot(client: EtcdClient) -> Snapshot:
     return snap
 
 
-def program_routes(snap: Snapshot, node: Node, learned: Iterable[LearnedRoute]) -> RoutePlan:
+def program_routes(snap: Snapshot, node: NodeNs, learned: Iterable[LearnedRoute]) -> RoutePlan:
     """Plan this node's devices and routes and write them (devices first: routes name tunl0)."""
     plan = plan_routes(snap, node.name, learned)
     nl = Netlink(node.ns.name)
@@ -49,19 +49,19 @@ def program_routes(snap: Snapshot, node: Node, learned: Iterable[LearnedRoute]) 
     return plan
 
 
-def program_policy(snap: Snapshot, node: Node) -> None:
+def program_policy(snap: Snapshot, node: NodeNs) -> None:
     """Compile NetworkPolicy for this node and write its chains and ipsets."""
     result = compile_node(snap, node.name)
     assert result.rejected == [], result.rejected
-    PolicyDataplane(Runner(node.ns.name)).apply(result.state, full=True, delete_stale=True)
+    PolicyDataplane(CommandRunner(node.ns.name)).apply(result.state, full=True, delete_stale=True)
 
 
-def podnet_routes(node: Node) -> list[str]:
+def podnet_routes(node: NodeNs) -> list[str]:
     """The node's main-table routes with podnet's proto, as ``ip route`` prints them."""
     return [line.strip() for line in node.ns.ip("route", "show", "proto", "80").splitlines()]
 
 
-def tunl0(node: Node) -> dict[str, object]:
+def tunl0(node: NodeNs) -> dict[str, object]:
     """``ip -d -s link show tunl0`` as JSON, plus its IPv4 addresses under "addrs"."""
     link: dict[str, object] = json.loads(node.ns.ip("-j", "-d", "-s", "link", "show", "dev", "tunl0"))[0]
     addrs = json.loads(node.ns.ip("-j", "-4", "addr", "show", "dev", "tunl0"))
@@ -69,7 +69,7 @@ def tunl0(node: Node) -> dict[str, object]:
     return link
 
 
-def tunl0_packets(node: Node) -> tuple[int, int]:
+def tunl0_packets(node: NodeNs) -> tuple[int, int]:
     """(rx, tx) packet counters of the node's tunl0."""
     stats = tunl0(node)["stats64"]
     assert isinstance(stats, dict)

@@ -29,7 +29,7 @@ from datastore.store import Store
 from ipam.allocator import Ipam
 from ipam.pools import add_pool
 from testbed.etcd_server import EtcdServer
-from testbed.netns import NetnsBed, Node, Pod, Underlay
+from testbed.netns import NetnsBed, NodeNs, Pod, Underlay
 from testbed.wait import eventually
 from tests.conftest import SESSION_ID
 from tests.vm.agent_steps import podnet_routes, program_policy, snapshot, tunl0, tunl0_packets
@@ -52,7 +52,7 @@ EMULATED_BRIDGE_TIMEOUT = 180.0
 @dataclass
 class Cluster:
     client: EtcdClient
-    nodes: dict[str, Node]
+    nodes: dict[str, NodeNs]
     pods: dict[str, Pod]  # a<i>: pod on n<i> from POOL_IPIP; x<i>: pod on n<i> from POOL_CROSS
     runners: dict[str, NodeRunner]
 

@@ -14,7 +14,7 @@ from datastore.etcd import EtcdClient
 from datastore.store import Store
 from ipam.allocator import Ipam
 from ipam.pools import add_pool
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 from tests.vm.agent_steps import program_routes, snapshot, tunl0
 
 pytestmark = pytest.mark.needs_ipip
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.needs_ipip
 FB_SYSCTL = "/proc/sys/net/core/fb_tunnels_only_for_init_net"
 
 
-def ipip_node(etcd: EtcdClient, bed: NetnsBed, underlay_mtu: int) -> tuple[Node, str]:
+def ipip_node(etcd: EtcdClient, bed: NetnsBed, underlay_mtu: int) -> tuple[NodeNs, str]:
     """One node on an IPIP pool, its record in etcd and its tunnel address from IPAM."""
     add_pool(Store(etcd), m.IPPool("10.244.0.0/16", encapsulation="ipip"))
     ul = bed.underlay(mtu=underlay_mtu)

@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from testbed.netns import NetnsBed, Node
+from testbed.netns import NetnsBed, NodeNs
 
 pytestmark = pytest.mark.needs_ipip
 
 
-def tunl0_counters(node: Node) -> tuple[int, int]:
+def tunl0_counters(node: NodeNs) -> tuple[int, int]:
     """(rx, tx) packets of a node's tunl0."""
     link = json.loads(node.ns.ip("-j", "-s", "link", "show", "dev", "tunl0"))[0]
     return int(link["stats64"]["rx"]["packets"]), int(link["stats64"]["tx"]["packets"])
