@@ -5,11 +5,9 @@ away, no BGP flap on the other nodes), and ``agentctl status`` of a running and 
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,43 +22,10 @@ from testbed.wait import eventually
 from tests.netns.agent_proc import AgentProc
 from tests.netns.mesh import Mesh, block_of, make_mesh, wait_for
 from tests.netns.test_agent_cleanup import snapshot
+from tests.netns.udp_flows import Arrivals, stream
 
 pytestmark = [pytest.mark.netns, pytest.mark.integration]
-UDP_PORT = 7070
 NAMES = ("n1", "n2", "n3")
-
-
-class Arrivals:
-    """Datagrams a pod receives (``testbed.probe count``: one line "source sequence-number" each)."""
-
-    def __init__(self, pod: Pod) -> None:
-        self.proc = pod.ns.popen(sys.executable, "-m", "testbed.probe", "count", str(UDP_PORT))
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.seen: list[tuple[float, str, int]] = []
-        import threading
-
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            src, _, seq = line.strip().partition(" ")
-            with contextlib.suppress(ValueError):
-                self.seen.append((time.monotonic(), src, int(seq)))
-
-    def from_(self, src: str, since: float = 0.0) -> list[int]:
-        return [seq for t, s, seq in list(self.seen) if s == src and t >= since]
-
-
-@contextlib.contextmanager
-def stream(src: Pod, dst: Pod) -> Iterator[None]:
-    """A new UDP flow every 10 ms (numbered datagrams, each from a new socket: each meets the policy)."""
-    proc = src.ns.popen(sys.executable, "-m", "testbed.probe", "stream", dst.ip, str(UDP_PORT), "0.01")
-    try:
-        yield
-    finally:
-        src.ns.bed.stop_process(proc)
 
 
 def _agentctl(endpoint: str, node: str, *args: str) -> subprocess.CompletedProcess[str]:

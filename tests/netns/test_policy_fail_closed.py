@@ -5,11 +5,7 @@ stored value is truncated with etcdctl keeps its pods isolated while it is broke
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,38 +17,9 @@ from testbed.etcd_server import EtcdServer
 from testbed.netns import NetnsBed, NodeNs, Pod
 from testbed.wait import eventually
 from tests.netns.test_dataplane_etcd import NODE, writer
+from tests.netns.udp_flows import Arrivals, stream
 
 pytestmark = [pytest.mark.netns, pytest.mark.integration]
-UDP_PORT = 7070
-
-
-class Arrivals:
-    """Datagrams received by a pod (``testbed.probe count``), with the time each arrived."""
-
-    def __init__(self, pod: Pod) -> None:
-        self.proc = pod.ns.popen(sys.executable, "-m", "testbed.probe", "count", str(UDP_PORT))
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
-        self.times: list[float] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for _ in self.proc.stdout:
-            self.times.append(time.monotonic())
-
-    def since(self, t: float) -> int:
-        return sum(1 for x in self.times if x >= t)
-
-
-@contextlib.contextmanager
-def stream(src: Pod, dst: Pod) -> Iterator[None]:
-    proc = src.ns.popen(sys.executable, "-m", "testbed.probe", "stream", dst.ip, str(UDP_PORT), "0.01")
-    try:
-        yield
-    finally:
-        src.ns.bed.stop_process(proc)
 
 
 def _records(pod: Pod, labels: dict[str, str]) -> tuple[m.Pod, m.Endpoint]:
