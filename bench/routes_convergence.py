@@ -3,7 +3,7 @@ the same run, on network namespaces (needs root; takes the netns suite's lock).
 
     .venv/bin/python bench/routes_convergence.py [--rounds 5] [--topology mesh10|rr30|mesh3|mesh2] [--trace]
 
-podnet: one ``agent.node_runner`` process per node (etcd watch → ``bgp.speaker`` / ExaBGP → peers' RIBs → their
+podnet: one ``agent.router`` process per node (etcd watch → ``bgp.speaker`` / ExaBGP → peers' RIBs → their
 runners → pyroute2). A new block affinity is written to etcd for one (non-reflector) node; measured is the time
 until every other node's kernel has the route (``ip monitor route`` in each node namespace), and, after the block
 is deleted, until it is gone everywhere.
@@ -240,7 +240,7 @@ def run_podnet(
             cmd = [
                 sys.executable,
                 "-m",
-                "agent.node_runner",
+                "agent.router",
                 "--node",
                 name,
                 "--netns",

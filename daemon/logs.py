@@ -1,6 +1,6 @@
 """The agent's log lines: one line per event, as text or JSON (``--log-format``), with the node's name.
 
-Text: ``2026-12-03T20:01:02.123Z INFO  agent.node_runner node-1: routes: 2 written``. JSON: one object per line
+Text: ``2026-12-03T20:01:02.123Z INFO  agent.router.loop node-1: routes: 2 written``. JSON: one object per line
 with ``time``, ``level``, ``logger``, ``node``, ``thread``, ``msg`` (and ``exc`` for a traceback), so that log
 shippers need no parsing rules.
 """

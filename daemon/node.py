@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.node_runner import RunnerConfig
+from agent.router.config import RouterConfig
 from daemon.components.bootstrap import BootstrapComponent
 from daemon.components.cni import CniComponent
 from daemon.components.datastore import DatastoreComponent
@@ -105,7 +105,7 @@ class NodeAgent:
             )
             parts.append(self.policy)
         if c.run_router:
-            runner_config = RunnerConfig(
+            runner_config = RouterConfig(
                 node=c.node_name,
                 workdir=c.workdir / "bgp",
                 netns=c.netns,

@@ -1,12 +1,13 @@
-"""The router component: ``NodeRunner`` (route calculation, the link and route writers, the BGP speaker) on the
+"""The router component: ``Router`` (route calculation, the link and route writers, the BGP speaker) on the
 shared cache and status reporter. Ready after the first pass reached the kernel and BGP is up the way calico-node's
-``-bird-ready`` means it (``NodeRunner.bgp_readiness``). Stopping keeps routes and devices; with
+``-bird-ready`` means it (``Router.bgp_readiness``). Stopping keeps routes and devices; with
 ``withdraw=False`` (the default) BGP peers keep our routes through graceful restart."""
 
 from __future__ import annotations
 
 from agent.cache import Cache
-from agent.node_runner import NodeRunner, RunnerConfig
+from agent.router.config import RouterConfig
+from agent.router.loop import Router
 from agent.status import StatusReporter
 from daemon.component import Health
 from daemon.threads import Threads
@@ -23,14 +24,14 @@ class RouterComponent:
         client: EtcdClient,
         cache: Cache,
         reporter: StatusReporter,
-        config: RunnerConfig,
+        config: RouterConfig,
         threads: Threads,
         *,
         withdraw_on_exit: bool = False,
     ) -> None:
         self.threads = threads
         self.withdraw_on_exit = withdraw_on_exit
-        self.runner = NodeRunner(client, config, cache=cache, reporter=reporter, publish_agent=False)
+        self.runner = Router(client, config, cache=cache, reporter=reporter, publish_agent=False)
 
     def start(self) -> None:
         self.runner.start(spawn=lambda name, target: self.threads.spawn(self.name, name, target))

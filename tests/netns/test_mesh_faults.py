@@ -1,4 +1,4 @@
-"""Faults in a 3-node mesh run by ``agent.node_runner``: a node that dies has its routes withdrawn elsewhere within
+"""Faults in a 3-node mesh run by ``agent.router``: a node that dies has its routes withdrawn elsewhere within
 the BGP hold time; a planned agent restart with graceful restart removes no route anywhere (kernel tables watched
 continuously while it happens)."""
 

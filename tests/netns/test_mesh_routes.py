@@ -1,4 +1,4 @@
-"""Three nodes in a full BGP mesh, each run by ``agent.node_runner`` (real ExaBGP, real etcd, real kernel routes):
+"""Three nodes in a full BGP mesh, each run by ``agent.router`` (real ExaBGP, real etcd, real kernel routes):
 every node's block reaches the others' kernels with the right next hop and device, pods talk across nodes, and
 etcd and ``agentctl`` show what was programmed."""
 

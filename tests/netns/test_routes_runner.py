@@ -12,7 +12,8 @@ from typing import Any, cast
 
 import pytest
 
-from agent.node_runner import NodeRunner, RunnerConfig
+from agent.router.config import RouterConfig
+from agent.router.loop import Router
 from bgp.plan import PeerSpec, SpeakerIdentity
 from bgp.rib import LearnedRoute
 from bgp.speaker import PeerState, Speaker
@@ -66,7 +67,7 @@ class ScriptedSpeaker:
             cb()
 
 
-class ScriptedRunner(NodeRunner):
+class ScriptedRouter(Router):
     def _make_speaker(self, ident: SpeakerIdentity) -> Speaker:
         self.scripted = ScriptedSpeaker(ident)
         return cast(Speaker, self.scripted)
@@ -83,12 +84,12 @@ def node(netns_bed: NetnsBed) -> NodeNs:
 
 
 @pytest.fixture
-def runner_factory(etcd: EtcdClient, tmp_path: Path) -> Iterator[Callable[..., ScriptedRunner]]:
-    made: list[ScriptedRunner] = []
+def runner_factory(etcd: EtcdClient, tmp_path: Path) -> Iterator[Callable[..., ScriptedRouter]]:
+    made: list[ScriptedRouter] = []
 
-    def make(node: NodeNs, **config: Any) -> ScriptedRunner:
-        cfg = RunnerConfig(node="n1", workdir=tmp_path, netns=node.ns.name, **{"resync": 0.5, **config})
-        r = ScriptedRunner(etcd, cfg)
+    def make(node: NodeNs, **config: Any) -> ScriptedRouter:
+        cfg = RouterConfig(node="n1", workdir=tmp_path, netns=node.ns.name, **{"resync": 0.5, **config})
+        r = ScriptedRouter(etcd, cfg)
         made.append(r)
         r.start()
         return r
@@ -110,7 +111,7 @@ def write_world(etcd: EtcdClient, node: NodeNs) -> None:
 
 
 def test_after_a_restart_learned_routes_wait_for_bgp_and_withdrawals_apply_at_once(
-    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
 ) -> None:
     write_world(etcd, node)
     # Left by the previous run: a learned route and a blackhole for a block we no longer have.
@@ -151,7 +152,7 @@ def test_after_a_restart_learned_routes_wait_for_bgp_and_withdrawals_apply_at_on
 
 
 def test_a_peer_that_stays_down_is_given_up_after_the_startup_grace(
-    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
 ) -> None:
     write_world(etcd, node)
     node.ns.ip("route", "add", REMOTE, "via", PEER, "proto", "80")
@@ -162,7 +163,7 @@ def test_a_peer_that_stays_down_is_given_up_after_the_startup_grace(
 
 
 def test_without_its_node_record_the_runner_leaves_the_kernel_alone(
-    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
 ) -> None:
     write_world(etcd, node)
     Store(etcd).delete(k.NodeKey("n1"))
@@ -179,7 +180,7 @@ def test_without_its_node_record_the_runner_leaves_the_kernel_alone(
 
 
 def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
-    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
 ) -> None:
     """Prefix counts change with every route anywhere; written at each change they would cost an etcd write per
     peer on every node per event. State changes go out at once."""
@@ -208,7 +209,7 @@ def test_peer_state_is_published_at_once_prefix_counts_at_the_resync(
 
 
 def test_prefixes_churning_after_bgp_is_in_sync_leave_the_kernel_and_no_trace_in_the_runner(
-    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRunner]
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
 ) -> None:
     """Borrowed /32s come and go with pods. Before BGP is in sync the runner must remember what BGP delivered (a
     withdrawal of it is real even then); once BGP is in sync every learned route missing from the RIB goes anyway,
@@ -228,4 +229,4 @@ def test_prefixes_churning_after_bgp_is_in_sync_leave_the_kernel_and_no_trace_in
         r.scripted.routes = {}
         r.scripted.notify()
         assert eventually(lambda: not any(" via " in line for line in podnet_routes(node)), 5), batch
-    assert r._learned_seen == set()  # was every prefix of the run (200 here)
+    assert r.bgp_latch.seen == set()  # was every prefix of the run (200 here)

@@ -35,7 +35,7 @@ def test_the_cluster_log_level_applies_to_podnets_loggers_only(caplog: pytest.Lo
     logging.getLogger("grpc").setLevel(logging.NOTSET)
     caplog.set_level(logging.INFO)
     apply_log_level("debug", "the cluster config")
-    for name in ("agent.node_runner", "bgp.speaker", "datastore.etcd", "ipam.allocator", "cni.server"):
+    for name in ("agent.router.loop", "bgp.speaker", "datastore.etcd", "ipam.allocator", "cni.server"):
         assert logging.getLogger(name).isEnabledFor(logging.DEBUG), name
     assert not logging.getLogger("grpc._channel").isEnabledFor(logging.DEBUG)  # a library's: untouched
     apply_log_level("warning", "the cluster config")

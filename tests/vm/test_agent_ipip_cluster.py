@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.node_runner import NodeRunner, RunnerConfig
+from agent.router.config import RouterConfig
+from agent.router.loop import Router
 from bgp import speaker
 from datastore import keys as k
 from datastore import model as m
@@ -54,7 +55,7 @@ class Cluster:
     client: EtcdClient
     nodes: dict[str, NodeNs]
     pods: dict[str, Pod]  # a<i>: pod on n<i> from POOL_IPIP; x<i>: pod on n<i> from POOL_CROSS
-    runners: dict[str, NodeRunner]
+    runners: dict[str, Router]
 
     def program_policy(self) -> None:
         """The policy half of an agent pass on every node (the node runner does routes and devices)."""
@@ -91,7 +92,7 @@ def cluster(etcd_server: EtcdServer) -> Iterator[Cluster]:
     client.delete_prefix("/")
     bed = NetnsBed(run_id=f"{SESSION_ID}vm")
     workdir = Path(tempfile.mkdtemp(prefix="podnet-vm-bgp-"))
-    runners: dict[str, NodeRunner] = {}
+    runners: dict[str, Router] = {}
     patch = pytest.MonkeyPatch()
     patch.setattr(speaker, "BRIDGE_TIMEOUT", EMULATED_BRIDGE_TIMEOUT)
     try:
@@ -112,8 +113,8 @@ def cluster(etcd_server: EtcdServer) -> Iterator[Cluster]:
         # The agents first: their ExaBGPs start (slow under emulation) while the pods are wired, and each new block
         # and pod reaches them as a datastore change, as in a live cluster.
         for name, node in nodes.items():
-            config = RunnerConfig(node=name, workdir=workdir / name, netns=node.ns.name, resync=RESYNC)
-            runners[name] = NodeRunner(client, config).start()
+            config = RouterConfig(node=name, workdir=workdir / name, netns=node.ns.name, resync=RESYNC)
+            runners[name] = Router(client, config).start()
         pods: dict[str, Pod] = {}
         for name, node in nodes.items():
             i = name[1:]
