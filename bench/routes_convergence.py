@@ -241,7 +241,7 @@ def run_podnet(
                 sys.executable,
                 "-m",
                 "agent.router",
-                "--node",
+                "--node-name",
                 name,
                 "--netns",
                 node.ns.name,
