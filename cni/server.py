@@ -14,6 +14,7 @@ whoever can talk to it can wire pods).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socketserver
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from cni.plugin import Clients, Outcome, run
 from cni.stats import INVALID, CniStats
-from cni.wire import MAX_REQUEST, encode_answer, parse_request
+from cni.wire import MAX_REQUEST, STATS_COMMAND, encode_answer, parse_request
 
 log = logging.getLogger(__name__)
 _MALFORMED = '{"cniVersion": "1.1.0", "code": 6, "msg": "malformed request to the CNI server"}\n'
@@ -40,6 +41,11 @@ class _Handler(socketserver.StreamRequestHandler):
         if parsed is None:
             command = INVALID
             outcome = Outcome(1, _MALFORMED)
+        elif parsed[0].get("CNI_COMMAND") == STATS_COMMAND:
+            # The agent's metrics, when this server runs as its child: answered, not counted as a call.
+            out = json.dumps(server.stats.to_json()).encode()
+            self.wfile.write(encode_answer(0, out, b""))
+            return
         else:
             env, stdin = parsed
             command = env.get("CNI_COMMAND", INVALID)

@@ -77,3 +77,46 @@ class CniStats:
     def errors(self) -> dict[str, int]:
         with self._lock:
             return dict(self._errors)
+
+    def to_json(self) -> dict[str, object]:
+        """What ``podnet-cni serve`` answers to a stats request (``cni.wire.STATS_COMMAND``)."""
+        latency = {}
+        for command, h in self.latency.items():
+            snap = h.snapshot()
+            latency[command] = {"bounds": list(snap.bounds), "cumulative": list(snap.cumulative), "sum": snap.sum,
+                                "samples": snap.samples}  # fmt: skip
+        return {"latency": latency, "requests": self.requests(), "errors": self.errors()}
+
+
+class _Frozen:
+    def __init__(self, snap: HistogramSnapshot) -> None:
+        self._snap = snap
+
+    def snapshot(self) -> HistogramSnapshot:
+        return self._snap
+
+
+class StatsCopy:
+    """A ``CniStats`` as another process reported it (``CniStats.to_json``): the same read API."""
+
+    def __init__(self, data: object) -> None:
+        """ValueError: not what ``to_json`` writes."""
+        try:
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, found {type(data).__name__}")
+            self.latency = {
+                str(command): _Frozen(HistogramSnapshot(tuple(float(b) for b in h["bounds"]),
+                                                        tuple(int(c) for c in h["cumulative"]),
+                                                        float(h["sum"]), int(h["samples"])))
+                for command, h in data["latency"].items()
+            }  # fmt: skip
+            self._requests = {str(k): int(v) for k, v in data["requests"].items()}
+            self._errors = {str(k): int(v) for k, v in data["errors"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not CNI server stats: {exc}") from None
+
+    def requests(self) -> dict[str, int]:
+        return dict(self._requests)
+
+    def errors(self) -> dict[str, int]:
+        return dict(self._errors)

@@ -39,3 +39,23 @@ def parse_request(raw: bytes) -> tuple[dict[str, str], bytes] | None:
 
 def encode_answer(code: int, stdout: bytes, stderr: bytes) -> bytes:
     return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
+
+
+STATS_COMMAND = "PODNET_STATS"  # not a CNI command: the server answers its call counts and latencies (JSON)
+
+
+def encode_request(env: dict[str, str], stdin: bytes = b"") -> bytes:
+    """What a client sends (``parse_request`` reads it): the magic line, ``KEY=VALUE`` NUL-terminated, a NUL, stdin."""
+    return MAGIC + b"".join(f"{key}={value}".encode() + b"\0" for key, value in env.items()) + b"\0" + stdin
+
+
+def parse_answer(raw: bytes) -> tuple[int, bytes, bytes] | None:
+    """(exit code, stdout, stderr) from what the server wrote (``encode_answer``), or None if malformed."""
+    head, sep, rest = raw.partition(b"\n")
+    fields = head.split()
+    if not sep or len(fields) != 2 or not all(f.isdigit() for f in fields):
+        return None
+    code, length = int(fields[0]), int(fields[1])
+    if len(rest) < length:
+        return None
+    return code, rest[:length], rest[length:]

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import (
 
 from agent.dataplane.programmer import Owned
 from agent.dataplane.stats import HistogramSnapshot
-from cni.stats import CniStats
+from cni.stats import HistogramSnapshot as CniSnapshot
 from datastore.model import ROUTE_TYPES
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,20 @@ def datastore(cache: DatastoreCache, node: str | None) -> Iterable[Metric]:
         )
 
 
-def cni_server(stats: CniStats) -> Iterable[Metric]:
+class CniHistogram(Protocol):
+    def snapshot(self) -> CniSnapshot: ...
+
+
+class CniCalls(Protocol):
+    """``cni.stats.CniStats``, or ``cni.stats.StatsCopy`` (as the CNI server's child process reported it)."""
+
+    @property
+    def latency(self) -> Mapping[str, CniHistogram]: ...
+    def requests(self) -> Mapping[str, int]: ...
+    def errors(self) -> Mapping[str, int]: ...
+
+
+def cni_server(stats: CniCalls) -> Iterable[Metric]:
     family = HistogramMetricFamily(
         "podnet_cni_request_duration_seconds",
         "Seconds the CNI server took to answer a call (ADD, DEL, CHECK), errors included",
@@ -459,7 +472,7 @@ def register_node_metrics(
     routes_of: Callable[[], RouteStats | None] | None = None,
     links_of: Callable[[], LinkStats | None] | None = None,
     speaker_of: Callable[[], BgpSpeaker | None] | None = None,
-    cni_of: Callable[[], CniStats | None] | None = None,
+    cni_of: Callable[[], CniCalls | None] | None = None,
 ) -> SectionCollector:
     """Register the metrics of the objects the ``*_of`` callables return, asked at every scrape: an object made
     when its component starts, or replaced (the router's speaker), is followed; while one returns None its

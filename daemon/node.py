@@ -46,11 +46,14 @@ def version() -> str:
         return "unknown"
 
 
+def tls_of(config: AgentConfig) -> EtcdTLS | None:
+    if not config.etcd_tls:
+        return None
+    return EtcdTLS(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file)
+
+
 def etcd_client(config: AgentConfig) -> EtcdClient:
-    tls = None
-    if config.etcd_tls:
-        tls = EtcdTLS(config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file)
-    return EtcdClient(list(config.etcd_endpoints), timeout=config.etcd_timeout, tls=tls)
+    return EtcdClient(list(config.etcd_endpoints), timeout=config.etcd_timeout, tls=tls_of(config))
 
 
 def modes(config: AgentConfig) -> tuple[str, ...]:
@@ -128,7 +131,8 @@ class NodeAgent:
             )
             parts.append(self.router)
         if c.run_cni:
-            self.cni = CniComponent(c.cni_socket, self.threads)
+            self.cni = CniComponent(c.cni_socket, self.threads, tls=tls_of(c), etcd_timeout=c.etcd_timeout,
+                                    log_level=c.log_level)  # fmt: skip
             parts.append(self.cni)
         self.status.policy = self.policy
         self.status.router = self.router
@@ -148,7 +152,7 @@ class NodeAgent:
             routes_of=None if router is None else (lambda: router.runner.routes),
             links_of=None if router is None else (lambda: router.runner.links),
             speaker_of=None if router is None else (lambda: router.runner.speaker),
-            cni_of=None if cni is None else (lambda: cni.server.stats if cni.server else None),
+            cni_of=None if cni is None else cni.stats,
         )
 
     def reload(self, old: AgentConfig, new: AgentConfig) -> None:

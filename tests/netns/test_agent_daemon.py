@@ -5,6 +5,7 @@ away, no BGP flap on the other nodes), and ``agentctl status`` of a running and 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -139,6 +140,8 @@ def test_agent_ready_metrics_restarts_and_status(
                     n1.kill()
                     # Its ExaBGP and bridge die with it: nothing of ours is left running in the node namespace.
                     assert eventually(lambda: not _ns_pids(mesh, "n1"), timeout=10), _ns_pids(mesh, "n1")
+                    # And so does its CNI server (a child process in the agent's own namespace).
+                    assert eventually(lambda: not _running_with(str(n1.cni_socket)), timeout=10)
                 down = time.monotonic()
                 if how == "SIGTERM":
                     gone = _agentctl(etcd_server.endpoint, "n1", "status")
@@ -169,3 +172,14 @@ def _ns_pids(mesh: Mesh, node: str) -> list[str]:
     out = subprocess.run(["ip", "netns", "pids", mesh.nodes[node].ns.name], capture_output=True, text=True,
                          check=False).stdout  # fmt: skip
     return out.split()
+
+
+def _running_with(text: str) -> list[int]:
+    """PIDs whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+    return found

@@ -122,3 +122,20 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     for value in (0.05, 0.1, 0.5, 3.0):
         h.observe(value)
     assert h.snapshot() == ((0.1, 1.0), (2, 3), pytest.approx(3.65), 4)
+
+
+def test_a_stats_request_is_answered_with_the_counts_and_not_counted(
+    served: tuple[CniServer, RecordingClients, CniStats],
+) -> None:
+    """How the agent reads the counts of its CNI server child (``daemon.components.cni``)."""
+    from cni.stats import StatsCopy
+
+    server, _, stats = served
+    call(server, {"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.0.0"}')
+    code, out, _ = call(server, {"CNI_COMMAND": wire.STATS_COMMAND})
+    assert code == 0
+    copy = StatsCopy(json.loads(out))
+    assert copy.requests()["VERSION"] == 1 and copy.requests() == stats.requests()
+    assert sum(stats.requests().values()) == 1, "the stats request itself was counted"
+    assert wire.parse_answer(wire.encode_answer(3, b"out", b"err")) == (3, b"out", b"err")
+    assert wire.parse_request(wire.encode_request({"A": "1"}, b"in")) == ({"A": "1"}, b"in")

@@ -451,12 +451,18 @@ def _the_agents_wiring_fits(agent: NodeAgent) -> None:
     )
 
 
-def test_cni_calls_timed_and_counted_by_command() -> None:
-    from cni.stats import CniStats
+@pytest.mark.parametrize("remote", [False, True], ids=["in-process", "child-process"])
+def test_cni_calls_timed_and_counted_by_command(remote: bool) -> None:
+    """In the agent's process, or reported by the CNI server's child process (its JSON stats answer)."""
+    import json
+
+    from cni.stats import CniStats, StatsCopy
 
     stats = CniStats()
     registry = new_registry()
-    register_node_metrics(registry, cni_of=lambda: stats)
+    register_node_metrics(
+        registry, cni_of=lambda: StatsCopy(json.loads(json.dumps(stats.to_json()))) if remote else stats
+    )
     stats.record("ADD", 0.02, ok=True)
     stats.record("ADD", 0.3, ok=False)
     stats.record("DEL", 0.004, ok=True)
@@ -469,3 +475,11 @@ def test_cni_calls_timed_and_counted_by_command() -> None:
     assert value(samples, "podnet_cni_requests_total", command="ADD") == 2
     assert value(samples, "podnet_cni_errors_total", command="ADD") == 1
     assert value(samples, "podnet_cni_errors_total", command="INVALID") == 1
+
+
+def test_a_stats_answer_that_is_not_one_is_refused() -> None:
+    from cni.stats import StatsCopy
+
+    for bad in ([], {"latency": {}}, {"latency": {"ADD": {"bounds": "x"}}, "requests": {}, "errors": {}}):
+        with pytest.raises(ValueError, match="not CNI server stats"):
+            StatsCopy(bad)
