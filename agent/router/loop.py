@@ -58,6 +58,14 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+# Snapshot fields route planning and BGP announcements never read (agent/calc/routes.py, bgp/plan.py).
+UNRELATED = frozenset({"policies", "pods", "namespaces", "broken_policies"})
+
+
+def _endpoint_node(key: object) -> object:
+    return key[0] if isinstance(key, tuple) and key else None
+
+
 class Router:
     def __init__(
         self,
@@ -111,6 +119,9 @@ class Router:
         self.last_plan: RoutePlan | None = None
         self.last_result: RouteResult | None = None
         self.passes = 0
+        self.skipped = 0  # passes for changes routes do not depend on (answered without planning)
+        self._last_snap: Snapshot | None = None
+        self._bgp_event = False  # BGP spoke since the last pass (peer state, routes)
 
     @property
     def agent_view(self) -> m.AgentStatus | None:
@@ -174,6 +185,7 @@ class Router:
     def _bgp_changed(self) -> None:
         if trace.isEnabledFor(logging.DEBUG):
             trace.debug("bgp-change")
+        self._bgp_event = True
         self._wake.set()
 
     def _loop(self) -> None:
@@ -246,6 +258,13 @@ class Router:
             agent = m.AgentStatus(self.node, True, snap.revision, since=self._in_sync_since, problems=(why,))
             self.status_diff.not_ready(agent)
             return
+        if self._unrelated(snap, verifying=due or self._verify_due):
+            # A policy, a pod's labels, another node's endpoint: nothing routes depend on. Planning would cost a
+            # pass over every node and block, in the process (and under the interpreter lock) that also compiles
+            # the policy this change is about.
+            self.skipped += 1
+            self.applied_revision = snap.revision
+            return
         problems = bgp_config_problems(snap, self.cache.malformed())
         self._steer_speaker(snap, me)
         self._last_learned = self.speaker.best_routes() if self.speaker is not None else {}
@@ -300,6 +319,25 @@ class Router:
         self.last_plan, self.last_result = plan, result
         self._publish(result, problems, snap.revision, refresh=verify)
         self.applied_revision = snap.revision
+
+    def _unrelated(self, snap: Snapshot, verifying: bool) -> bool:
+        """Whether everything that changed since the last pass is of no concern to routes (and BGP said nothing)."""
+        last, self._last_snap = self._last_snap, snap
+        bgp_event, self._bgp_event = self._bgp_event, False
+        if verifying or bgp_event or last is None or self.last_plan is None or self.speaker is None:
+            return False
+        if not self.bgp_latch.in_sync or snap.config is not last.config:
+            return False
+        changes = snap.changes_since(last)
+        if not changes:  # None: cannot tell; empty: this pass is for something else (a poll, a retry)
+            return False
+        for name, keys in changes.items():
+            if name in UNRELATED:
+                continue
+            if name == "endpoints" and all(_endpoint_node(key) != self.node for key in keys):
+                continue
+            return False
+        return self.speaker.best_routes() == self._last_learned
 
     def _publish(self, result: RouteResult | None, problems: list[str], revision: int, refresh: bool) -> None:
         peers = self.speaker.peer_status() if self.speaker is not None else []

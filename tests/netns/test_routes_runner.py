@@ -230,3 +230,36 @@ def test_prefixes_churning_after_bgp_is_in_sync_leave_the_kernel_and_no_trace_in
         r.scripted.notify()
         assert eventually(lambda: not any(" via " in line for line in podnet_routes(node)), 5), batch
     assert r.bgp_latch.seen == set()  # was every prefix of the run (200 here)
+
+
+def test_a_change_routes_do_not_depend_on_costs_no_planning_yet_a_local_endpoint_is_routed(
+    etcd: EtcdClient, node: NodeNs, runner_factory: Callable[..., ScriptedRouter]
+) -> None:
+    """In podnet-agent the router shares the process with the policy compiler: a policy, a pod's labels, a
+    namespace or another node's endpoint must not make it plan every route again. Its applied revision still
+    follows (the lab waits on it)."""
+    write_world(etcd, node)
+    r = runner_factory(node, settle=0.2, startup_grace=60, resync=30)
+    assert eventually(lambda: getattr(r, "scripted", None) is not None, timeout=10)
+    r.scripted.state = "Established"
+    r.scripted.notify()
+    assert eventually(lambda: r.bgp_latch.in_sync and r.last_plan is not None, timeout=15)
+    store = Store(etcd)
+    plan_before, skipped = r.last_plan, r.skipped
+    for i in range(5):
+        store.put(m.Policy("ns", f"p{i}", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+        store.put(m.Pod("ns", f"pod{i}", {"i": str(i)}, (f"10.244.2.{i + 5}",), "n2"))
+        store.put(m.Endpoint("n2", "ns", f"pod{i}", "eth0", f"cali{i}", (f"10.244.2.{i + 5}/32",)))
+    store.put(m.Namespace("ns", {"team": "a"}))
+    last = etcd.get_prefix("/podnet/v1/")[1]
+    assert eventually(lambda: r.applied_revision is not None and r.applied_revision >= last, timeout=10)
+    assert r.skipped > skipped, "every pass planned routes again"
+    assert r.last_plan is plan_before
+    # A pod on this node is routed at once.
+    pod_ip = "10.244.1.7"
+    node.ns.ip("link", "add", "cali-local", "type", "veth", "peer", "name", "cali-peer")
+    node.ns.ip("link", "set", "cali-local", "up")
+    store.put(m.Endpoint("n1", "ns", "mine", "eth0", "cali-local", (f"{pod_ip}/32",)))
+    assert eventually(lambda: any(line.startswith(pod_ip) for line in podnet_routes(node)), timeout=10), podnet_routes(
+        node
+    )
