@@ -10,8 +10,10 @@ is a network namespace on a test-bed underlay; its 100 local pods' host interfac
 ``nodeToNodeMesh`` is off and there are no BGP peers (routes to other nodes' blocks come from the datastore, VXLAN),
 so readiness does not wait on peers; ExaBGP and its bridge still run.
 
-- A (old): ``python -m agent.node_runner`` + ``python -m agent.dataplane.run --etcd`` + ``podnet-cni serve``;
-- B (new): ``podnet-agent`` (ExaBGP and its bridge are its children, in the node's namespace).
+- A (old): ``python -m agent.router`` (the node runner's CLI; ``agent.node_runner`` before) +
+  ``python -m agent.dataplane.run --etcd-endpoints`` + ``podnet-cni serve``;
+- B (new): ``podnet-agent`` (ExaBGP and its bridge, in the node's namespace, and its CNI server process are its
+  children).
 
 Each setup is started twice. First with its default periods: start → ready (B: ``/readiness`` 200; A: the first
 "synced" line of the policy writer, the node runner's first pass in its ``--trace`` and the CNI server's "ready"),
@@ -75,7 +77,7 @@ from datastore.etcd import EtcdClient, Put
 from datastore.store import Store
 from ipam.allocator import pod_handle
 from testbed.etcd_server import EtcdServer
-from testbed.netns import NetnsBed, Node, Underlay
+from testbed.netns import NetnsBed, NodeNs, Underlay
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "agent_footprint.md"
@@ -215,12 +217,13 @@ class Setup:
 def old_setup(ns: str, endpoint: str, work: Path, sock: str, *, period: float | None, phase: str) -> Setup:
     # The runner logs a pass only when it wrote something; its trace marks every pass (a restart writes nothing).
     trace = work / f"old-{phase}-runner.trace"
-    runner = [sys.executable, "-m", "agent.node_runner", "--node", NODE, "--netns", ns, "--etcd-endpoints", endpoint,
+    runner = [sys.executable, "-m", "agent.router", "--node-name", NODE, "--netns", ns, "--etcd-endpoints", endpoint,
               "--workdir", str(work / "old-bgp"), "--trace", str(trace)]  # fmt: skip
-    policy = [sys.executable, "-m", "agent.dataplane.run", "--etcd", endpoint, "--node", NODE, "--netns", ns]
+    policy = [sys.executable, "-m", "agent.dataplane.run", "--etcd-endpoints", endpoint, "--node-name", NODE,
+              "--netns", ns]  # fmt: skip
     if period is not None:
-        runner += ["--resync", str(period)]
-        policy += ["--resync", str(period)]
+        runner += ["--sync-period", f"{period:g}s"]
+        policy += ["--sync-period", f"{period:g}s"]
 
     def ready(s: Setup) -> bool:
         return (
@@ -230,7 +233,7 @@ def old_setup(ns: str, endpoint: str, work: Path, sock: str, *, period: float | 
             and any(line.startswith("ready") for line in s.log("cni").splitlines())
         )
 
-    cni = [str(BIN / "podnet-cni"), "serve", "--socket", sock]
+    cni = [str(BIN / "podnet-cni"), "serve", "--cni-socket", sock]
     return Setup("old", [("runner", runner), ("policy", policy), ("cni", cni)], ready)
 
 
@@ -337,7 +340,7 @@ def load_model(client: EtcdClient, pods: int, policies: int, node_ip: str) -> tu
     return chosen, len(objs)
 
 
-def node_namespace(bed: NetnsBed, ul: Underlay, name: str, host: int, pods: int) -> Node:
+def node_namespace(bed: NetnsBed, ul: Underlay, name: str, host: int, pods: int) -> NodeNs:
     """The node and its local pods' host interfaces (named as the CNI names them)."""
     node = bed.node(name, ul, host)
     cluster = model(pods, 0)
@@ -445,7 +448,7 @@ class SaveWatch:
 
 
 def cni_rounds(
-    bed: NetnsBed, node: Node, *, endpoint: str, sock: str, roots: list[int], seconds: float, tag: str
+    bed: NetnsBed, node: NodeNs, *, endpoint: str, sock: str, roots: list[int], seconds: float, tag: str
 ) -> dict[str, Any]:
     """10 concurrent ADDs, then their DELs, round after round for ``seconds``; ADD latencies (ms)."""
     sandboxes = [bed.netns(f"{tag}s{i}") for i in range(10)]
@@ -557,6 +560,11 @@ def measure(
         res["change_p50_ms"] = statistics.median(lat) * 1000
         res["change_p99_ms"] = pct(lat, 99) * 1000
         res["change_max_ms"] = max(lat) * 1000
+        # The policy writer's own share (its incremental syncs, iptables-restore included) from its log; the rest
+        # of a change's time is etcd, the watch, the cache and the compiler (and, in one process, waiting for the GIL).
+        writes = [float(x) for x in re.findall(r"policy sync rev \d+ \(incremental\).* in ([0-9.]+) ms",
+                                               s.log("policy" if kind == "old" else "agent"))]  # fmt: skip
+        res["sync_ms"] = (statistics.median(writes), pct(writes, 99)) if writes else (float("nan"), float("nan"))
         res["rss_after_changes_mib"] = sum(memory(p).get("VmRSS", 0.0) for p in persistent(s.pids()))
         s.check_alive()
     finally:
@@ -580,6 +588,41 @@ def measure(
     return res
 
 
+HEAP_CHILD = r"""
+import json, sys, threading, time
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+out = {"interpreter": rss()}
+import daemon.node  # everything the agent imports
+from agent.cache import Cache
+from agent.policy_feed import PolicyFeed
+from datastore.etcd import EtcdClient
+out["imports (daemon.node)"] = rss()
+cache = Cache(EtcdClient([sys.argv[1]])).start()
+assert cache.in_sync.wait(120)
+out["cache in sync"] = rss()
+snap = cache.snapshot()
+out["a snapshot held"] = rss()
+feed = PolicyFeed(cache, sys.argv[2], refused=dict)
+assert feed.desired() is not None
+out["policy compiled (node's state)"] = rss()
+print(json.dumps(out))
+"""
+
+
+def heap_steps(endpoint: str) -> dict[str, float]:
+    """RSS (MiB) of a fresh process after each step the agent takes on this model: where its memory goes."""
+    out = subprocess.run([sys.executable, "-c", HEAP_CHILD, endpoint, NODE], capture_output=True, text=True,
+                         cwd=ROOT, check=False, timeout=300)  # fmt: skip
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return {}
+    steps: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return steps
+
+
 # --- report ------------------------------------------------------------------------------------------------------
 
 
@@ -589,13 +632,25 @@ def verdict(value: float, target: float, unit: str) -> str:
     return f"NOT met ({value:.1f} {unit}, {value - target:.1f} {unit} ({value / target:.1f}x) over {target:g} {unit})"
 
 
-def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: str, head: str, keys: int) -> str:
-    names = {"old": "A: old (node_runner + dataplane.run + podnet-cni serve)", "new": "B: podnet-agent"}
+def report(
+    rows: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    load: str,
+    head: str,
+    *,
+    keys: int,
+    heap: dict[str, float],
+) -> str:
+    names = {
+        "old": "A: old (agent.router, was node_runner + dataplane.run + podnet-cni serve)",
+        "new": "B: podnet-agent",
+    }
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     nodes = -(-args.pods // PER_NODE)
     lines = [
-        f"### Agent footprint, {stamp} UTC{' (--quick)' if args.quick else ''}: {nodes} nodes, {args.pods} pods "
-        f"({LOCAL} on the node), {args.policies} policies ({keys} keys in etcd)",
+        f"### Agent footprint, {stamp} UTC{' (--quick)' if args.quick else ''}: {nodes} nodes, "
+        f"{args.pods + LOCAL - PER_NODE} pods ({LOCAL} on the node, {PER_NODE} on each other), "
+        f"{args.policies} policies ({keys} keys in etcd)",
         "",
         f"{load}; head `{head}`. Reproduce: `sudo .venv/bin/python bench/agent_footprint.py"
         f"{' --quick' if args.quick else ''}`.",
@@ -624,12 +679,23 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: str,
                 f"{mem.get('Anonymous', 0):.0f}, {cpu:.2f} %"
             )
         lines.append(f"- {names[kind]}: " + "; ".join(parts))
+    lines += ["", "A policy change's share in the policy writer (its incremental sync as it logs it, p50 / p99; "
+              "the rest is etcd, the watch, the cache and the compiler):", ""]  # fmt: skip
+    for kind, r in rows.items():
+        lines.append(f"- {names[kind]}: {r['sync_ms'][0]:.1f} / {r['sync_ms'][1]:.1f} ms")
     lines += ["", "Where a CNI ADD's time goes inside the server (ms, p50 / p99; the rest is the client process, "
               "connect and the accept queue):", ""]  # fmt: skip
     for kind, r in rows.items():
         steps = ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}" for k, v in r["cni"].get("steps", {}).items())
         cpu = ", ".join(f"{k} {v:.0f} %" for k, v in r["cni"].get("cpu_pct", {}).items())
         lines.append(f"- {names[kind]}: {steps or 'no step lines in the log'}; CPU meanwhile (% of one core): {cpu}")
+    if heap:
+        prev, parts = 0.0, []
+        for name, mib in heap.items():
+            parts.append(f"{name} {mib:.0f} MiB (+{mib - prev:.0f})")
+            prev = mib
+        lines += ["", "Where the agent's memory goes (RSS of a fresh process after each step on this model): "
+                  + ", ".join(parts) + "."]  # fmt: skip
     new = rows.get("new")
     if new is not None:
         if new.get("phases"):
@@ -641,7 +707,8 @@ def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace, load: str,
             "",
             f"- start → ready ≤ 5 s: {verdict(new['ready_s'], TARGETS['ready_s'], 's')}",
             f"- policy change → kernel p99 ≤ 50 ms: {verdict(new['change_p99_ms'], TARGETS['change_p99_ms'], 'ms')}",
-            f"- RSS of agent + ExaBGP + bridge ≤ 150 MiB: {verdict(new['rss_mib'], TARGETS['rss_mib'], 'MiB')}",
+            "- RSS of agent + ExaBGP + bridge (+ its CNI server process, if any) ≤ 150 MiB: "
+            f"{verdict(new['rss_mib'], TARGETS['rss_mib'], 'MiB')}",
             f"- idle CPU ≤ 1 % of a core: {verdict(new['idle_cpu_pct'], TARGETS['idle_cpu_pct'], '%')}",
             f"- CNI ADD p99 ≤ 100 ms under verify: {verdict(new['cni']['p99_ms'], TARGETS['add_p99_ms'], 'ms')}",
         ]
@@ -670,12 +737,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="podnet-footprint-"))
     server = EtcdServer().start()
     rows: dict[str, dict[str, Any]] = {}
+    heap: dict[str, float] = {}
     try:
         client = EtcdClient([server.endpoint])
         store = Store(client)
         with NetnsBed() as bed:
             ul = bed.underlay()
             policies, keys = load_model(client, args.pods, args.policies, f"192.168.77.10/{ul.subnet.prefixlen}")
+            heap = heap_steps(server.endpoint)
             for host, kind in ((10, "old"), (11, "new")):
                 if args.only in (None, kind):
                     rows[kind] = measure(
@@ -690,7 +759,7 @@ def main() -> int:
     finally:
         server.stop()
     shutil.rmtree(work, ignore_errors=True)
-    text = report(rows, args, describe(load_before), head, keys)
+    text = report(rows, args, describe(load_before), head, keys=keys, heap=heap)
     print(text)
     if not args.no_write:
         RESULTS.parent.mkdir(exist_ok=True)
