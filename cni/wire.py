@@ -41,7 +41,7 @@ def encode_answer(code: int, stdout: bytes, stderr: bytes) -> bytes:
     return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
 
 
-STATS_COMMAND = "PODNET_STATS"  # not a CNI command: the server answers its call counts and latencies (JSON)
+STATS_COMMAND = "podnet-stats"  # not a CNI command: the server answers its call counts and latencies (JSON)
 
 
 def encode_request(env: dict[str, str], stdin: bytes = b"") -> bytes:
