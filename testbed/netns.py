@@ -136,10 +136,6 @@ class NodeNs:
         return str(ipaddress.ip_interface(self.ip).ip)
 
 
-# The old name, kept only for bench/agent_footprint.py (owned elsewhere); new code says NodeNs.
-Node = NodeNs
-
-
 @dataclass
 class Pod:
     namespace: str
