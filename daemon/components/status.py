@@ -24,6 +24,16 @@ from datastore import model as m
 from datastore.etcd import EtcdClient
 
 PERIOD = 1.0
+# A record that differs from the last one only in revisions (every change anywhere in the cluster moves them) is
+# written at most this often: the first after a quiet spell goes out within PERIOD (a tool waiting for its change
+# sees it at once), a burst costs one write per node per REVISION_EVERY, not one per change.
+REVISION_EVERY = 5.0
+
+
+def _without_revisions(status: m.AgentStatus) -> m.AgentStatus:
+    return dataclasses.replace(status, revision=0, policy_revision=None, routes_revision=None)
+
+
 LOOP_TIMEOUT = 30.0
 
 
@@ -57,6 +67,7 @@ class StatusComponent:
         self._heartbeat = Heartbeat(LOOP_TIMEOUT, reason="starting")
         self._thread: threading.Thread | None = None
         self._last: m.AgentStatus | None = None
+        self._published_at = -REVISION_EVERY  # time.monotonic() of the last record handed to the reporter
         self._since = ""
         self._was_in_sync: bool | None = None
         self.problems: Callable[[], list[str]] = list  # extra problems (bootstrap's), set by the owner
@@ -109,11 +120,20 @@ class StatusComponent:
             version=self.version,
         )
 
-    def publish_once(self) -> None:
+    def publish_once(self, now: float | None = None) -> bool:
+        """Hand the record to the reporter if it changed (revisions alone: see ``REVISION_EVERY``); True if it did."""
+        now = time.monotonic() if now is None else now
         status = self.compose()
-        if status != self._last:
-            self.reporter.offer_agent(status)
-            self._last = status
+        last = self._last
+        if status == last:
+            return False
+        only_revisions = last is not None and _without_revisions(status) == _without_revisions(last)
+        if only_revisions and now - self._published_at < REVISION_EVERY:
+            return False
+        self.reporter.offer_agent(status)
+        self._last = status
+        self._published_at = now
+        return True
 
     def stop(self, deadline: float) -> None:
         self.threads.stopping(self.name)

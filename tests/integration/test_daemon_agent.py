@@ -102,7 +102,7 @@ def test_a_dead_component_thread_fails_liveness_naming_it(etcd: EtcdClient, etcd
         class Boom(BaseException):
             pass
 
-        def boom() -> None:
+        def boom(now: float | None = None) -> bool:
             raise Boom("wedged on purpose")
 
         agent.status.publish_once = boom  # type: ignore[method-assign]  # its loop's next round raises
@@ -186,6 +186,47 @@ def test_an_etcd_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
         assert text.count("datastore unreachable") == 1, text
         assert text.count("datastore reachable again") == 1, text
         assert " datastore.watcher " not in text, text  # each watch's retries are at debug level
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=35)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_revision_only_status_changes_are_coalesced_but_never_lost(
+    etcd: EtcdClient, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """Every change anywhere moves each agent's revisions: written at once after a quiet spell (a tool waiting for
+    its change sees it), then at most one write per node per 5 s during a burst, and the last one always."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [AGENT, "--node-name", "rev-a", "--etcd-endpoints", etcd_server.endpoint, "--health-bind",
+         f"127.0.0.1:{port}", "--workdir", str(tmp_path), *OFF],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )  # fmt: skip
+    store = Store(etcd)
+    key = k.AgentStatusKey("rev-a")
+
+    def record() -> tuple[int, int]:  # (the record's revision field, how often the key was written)
+        got = etcd.get(key.path)
+        status = store.get(key, m.AgentStatus)
+        return (0, 0) if got is None or status is None else (status.value.revision, got.version)
+
+    try:
+        assert eventually(lambda: _get(port, "/readiness")[0] == 200, timeout=30)
+        time.sleep(6)  # quiet
+        _, writes_before = record()
+        first = store.put(m.Namespace("burst-0", {}))
+        assert eventually(lambda: record()[0] >= first, timeout=3), "the first change after a quiet spell waited"
+        last = first
+        for i in range(1, 30):
+            last = store.put(m.Namespace(f"burst-{i}", {}))
+            time.sleep(0.1)
+        _, writes = record()
+        assert writes - writes_before <= 2, f"{writes - writes_before} status writes for a 3 s burst"
+        assert eventually(lambda: record()[0] == last, timeout=10), f"the last revision never published: {record()}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
